@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make run` (the main job on the embedded default) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint setup clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch is pinned here, not in pyproject: 2.13.0 resolves to the local CPU wheel on our machines and to CUDA elsewhere.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/accel compare --model sd15-tiny --method dense --steps 4 --seed 0 --out outputs/sd15-tiny
+	$(VENV)/bin/accel compare --model sdxl-tiny --method dense --steps 4 --seed 0 --out outputs/sdxl-tiny
+	$(VENV)/bin/accel compare --model flux-tiny --method dense --steps 4 --seed 0 --out outputs/flux-tiny
+	$(VENV)/bin/accel compare --model hunyuanvideo-tiny --method dense --steps 4 --seed 0 --out outputs/hunyuanvideo-tiny
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf $(VENV) outputs build *.egg-info

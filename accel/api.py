@@ -1,0 +1,233 @@
+"""``accel.patch`` / ``accel.unpatch``: swap a diffusers denoiser's attention, and restore it bit for bit."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from accel.config import MethodConfig
+from accel.errors import InvalidOptionError, PatchConflictError, UnsupportedModelError
+from accel.pipelines.families import FAMILIES, ModelFamily, detect_family
+from accel.pipelines.hooks import STEP_HOOK_NAME, StepStateHook, install_hook
+from accel.plan import PatchPlan
+from accel.processors.state import PatchContext
+from accel.registry import method_info
+
+DEFAULT_METHOD = "dense"
+_HANDLE_ATTRIBUTE = "_accel_patch"
+MethodSpec = str | MethodConfig
+
+
+class PatchHandle:
+    """A live patch on one denoiser. ``remove()`` (or ``accel.unpatch``) restores the model exactly.
+
+    Attributes:
+        configs: the method configs applied, in order.
+        family: the model family name (``"unet"``, ``"flux"``, ``"hunyuanvideo"``).
+        context: the per-patch `PatchContext` (step and layout facts of the latest denoiser call).
+        layers: module names of the attention layers whose processor was replaced, with the method that owns each.
+    """
+
+    def __init__(self, denoiser, family: ModelFamily, configs, context, originals, layers, undo):
+        self._denoiser = denoiser
+        self.family = family.name
+        self.configs: tuple[MethodConfig, ...] = tuple(configs)
+        self.context: PatchContext = context
+        self.layers: dict[str, str] = layers
+        self._originals: dict[str, Any] = originals
+        self._undo = undo
+        self.active = True
+
+    def remove(self) -> None:
+        """Restore the original processors, remove accel's hooks and attributes. Idempotent."""
+        if not self.active:
+            return
+        denoiser = self._denoiser
+        # set_attn_processor pops from the dict it is given, so hand it a copy.
+        denoiser.set_attn_processor(dict(self._originals))
+        for undo in reversed(self._undo):
+            undo()
+        if getattr(denoiser, _HANDLE_ATTRIBUTE, None) is self:
+            delattr(denoiser, _HANDLE_ATTRIBUTE)
+        self.context.reset()
+        self.active = False
+
+    def __enter__(self) -> PatchHandle:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        methods = ", ".join(repr(c) for c in self.configs)
+        state = "active" if self.active else "removed"
+        return f"PatchHandle({self.family}, [{methods}], {len(self.layers)} layers, {state})"
+
+
+def patch(target: Any, method: MethodSpec | Sequence[MethodSpec] | None = None, **options: Any) -> PatchHandle:
+    """Replace the attention of a diffusers pipeline's denoiser (or of a bare denoiser) with an accel method.
+
+    Args:
+        target: a ``DiffusionPipeline`` with a ``unet`` or ``transformer``, or the denoiser itself
+            (``UNet2DConditionModel``, ``FluxTransformer2DModel``, ``HunyuanVideoTransformer3DModel``).
+        method: a registered method name (see ``accel.methods()``), a config instance (e.g. ``accel.DenseConfig()``),
+            or a list of them applied together. Defaults to ``"dense"``.
+        **options: fields of the method's config, e.g. ``layers=r".*attn1"``; only with a single method.
+
+    Returns:
+        A `PatchHandle`; ``handle.remove()`` or ``accel.unpatch(target)`` restores the model bit for bit.
+        Patching an already patched model replaces the previous patch (it never stacks).
+
+    Example::
+
+        pipe = accel.load_pipeline("sd15-tiny")
+        with accel.patch(pipe, "dense"):
+            image = pipe("a red circle", num_inference_steps=4).images[0]
+    """
+    pipeline, denoiser = _resolve_target(target)
+    family = detect_family(denoiser)
+    if family is None:
+        supported = "; ".join(f"{f.denoiser_class_name} ({f.title})" for f in FAMILIES.values())
+        raise UnsupportedModelError(
+            f"accel does not support {type(denoiser).__name__}; supported denoisers: {supported}"
+        )
+    configs = _resolve_configs(method, options)
+
+    context = PatchContext(family=family.name)
+    plan = PatchPlan(denoiser, family, context, pipeline)
+    for config in configs:
+        info = method_info(config)
+        if family.name not in info.families:
+            raise UnsupportedModelError(
+                f"method {config.name!r} supports {', '.join(info.families)} models, not {family.name} "
+                f"({type(denoiser).__name__})"
+            )
+        plan.begin(config)
+        info.applier(plan, config)
+
+    previous = getattr(denoiser, _HANDLE_ATTRIBUTE, None)
+    originals = previous._originals if previous is not None else denoiser.attn_processors
+    _check_replaceable(plan, family, originals)
+    if previous is not None:
+        previous.remove()
+    return _commit(plan, configs, originals)
+
+
+def unpatch(target: Any) -> None:
+    """Undo ``accel.patch`` on a pipeline or denoiser. A model that was never patched is left as it is."""
+    _, denoiser = _resolve_target(target)
+    handle = getattr(denoiser, _HANDLE_ATTRIBUTE, None)
+    if handle is not None:
+        handle.remove()
+
+
+def get_patch(target: Any) -> PatchHandle | None:
+    """The active `PatchHandle` of a pipeline or denoiser, or ``None``."""
+    _, denoiser = _resolve_target(target)
+    return getattr(denoiser, _HANDLE_ATTRIBUTE, None)
+
+
+@contextlib.contextmanager
+def patched(
+    target: Any, method: MethodSpec | Sequence[MethodSpec] | None = None, **options: Any
+) -> Iterator[PatchHandle]:
+    """Patch for the duration of a ``with`` block; on exit the previous state (patched or not) comes back."""
+    previous = get_patch(target)
+    previous_configs = previous.configs if previous is not None else None
+    handle = patch(target, method, **options)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+        if previous_configs is not None:
+            patch(target, list(previous_configs))
+
+
+def _resolve_target(target: Any) -> tuple[Any, torch.nn.Module]:
+    from diffusers import DiffusionPipeline
+
+    if isinstance(target, DiffusionPipeline):
+        components = target.components
+        for name in ("unet", "transformer"):
+            if isinstance(components.get(name), torch.nn.Module):
+                return target, components[name]
+        raise UnsupportedModelError(
+            f"{type(target).__name__} has no `unet` or `transformer` component for accel to patch"
+        )
+    if isinstance(target, torch.nn.Module):
+        return None, target
+    raise UnsupportedModelError(
+        f"accel.patch expects a diffusers pipeline or denoiser model, got {type(target).__name__}; "
+        "pass e.g. a StableDiffusionPipeline, FluxPipeline, HunyuanVideoPipeline or their unet / transformer"
+    )
+
+
+def _resolve_configs(method, options: dict[str, Any]) -> list[MethodConfig]:
+    if method is None:
+        method = DEFAULT_METHOD
+    if isinstance(method, (list, tuple)):
+        if options:
+            raise InvalidOptionError(
+                "keyword options are ambiguous with several methods; pass config objects instead, "
+                "e.g. accel.patch(pipe, [accel.DenseConfig(layers=...)])"
+            )
+        if not method:
+            raise InvalidOptionError("method list is empty; pass at least one method name or config")
+        configs = [_resolve_configs(m, {})[0] for m in method]
+        names = [c.name for c in configs]
+        if len(set(names)) != len(names):
+            raise InvalidOptionError(f"method list {names} names a method twice; give each method once")
+        return configs
+    if isinstance(method, MethodConfig):
+        method_info(method)
+        return [method.replace(**options) if options else method]
+    if isinstance(method, str):
+        return [method_info(method).config_class.from_options(**options)]
+    raise InvalidOptionError(
+        f"method must be a method name, a MethodConfig or a list of them, got {type(method).__name__}"
+    )
+
+
+def _check_replaceable(plan: PatchPlan, family: ModelFamily, originals: dict[str, Any]) -> None:
+    for name in plan.processors:
+        current = originals[f"{name}.processor"]
+        if type(current).__name__ not in family.replaceable_processors:
+            raise PatchConflictError(
+                f"{name} uses {type(current).__name__}, which accel would replace and whose behaviour would be lost "
+                f"(accel replaces only {', '.join(sorted(family.replaceable_processors))}); remove it first "
+                "(e.g. pipe.unload_ip_adapter()) or exclude the layer with layers=..."
+            )
+
+
+def _commit(plan: PatchPlan, configs: list[MethodConfig], originals: dict[str, Any]) -> PatchHandle:
+    denoiser = plan.denoiser
+    replaced = dict(originals)
+    for name, (_, processor) in plan.processors.items():
+        original = originals[f"{name}.processor"]
+        # Keep what diffusers' own switches set on the processor being replaced (set_attention_backend, context
+        # parallelism), so a patched model keeps its backend and parallel config.
+        for attribute in ("_attention_backend", "_parallel_config"):
+            value = getattr(original, attribute, None)
+            if value is not None:
+                setattr(processor, attribute, value)
+        replaced[f"{name}.processor"] = processor
+
+    undo = []
+    try:
+        denoiser.set_attn_processor(replaced)
+        undo.append(install_hook(denoiser, StepStateHook(plan.family, plan.context, plan.pipeline), STEP_HOOK_NAME))
+        for module, hook, name in plan.hooks:
+            undo.append(install_hook(module, hook, name))
+    except Exception:
+        denoiser.set_attn_processor(dict(originals))
+        for step in reversed(undo):
+            step()
+        raise
+    undo.extend(plan.undo)
+    layers = {name: owner for name, (owner, _) in plan.processors.items()}
+    handle = PatchHandle(denoiser, plan.family, configs, plan.context, originals, layers, undo)
+    setattr(denoiser, _HANDLE_ATTRIBUTE, handle)
+    return handle

@@ -1,0 +1,84 @@
+"""The denoiser hook that tells processors where they are: timestep, place in the schedule, token layout.
+
+It is a ``diffusers.hooks.ModelHook`` registered on the denoiser under ``STEP_HOOK_NAME``: it reads the denoiser's
+own inputs before every forward, so the facts are right under classifier-free guidance, img2img, any step count and
+repeated generations, without globals and without counting calls.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from accel.pipelines.families import ModelFamily
+from accel.processors.state import PatchContext, StepState
+
+STEP_HOOK_NAME = "accel_step_state"
+
+
+class StepStateHook(ModelHook):
+    _is_stateful = True
+
+    def __init__(self, family: ModelFamily, context: PatchContext, pipeline: Any | None = None):
+        super().__init__()
+        self.family = family
+        self.context = context
+        # Weak, so a patched denoiser never keeps its pipeline alive; the scheduler is looked up at call time because
+        # users swap ``pipe.scheduler``.
+        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
+        self._signature: inspect.Signature | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._signature = inspect.signature(module.forward)
+        return module
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        inputs = self._signature.bind_partial(*args, **kwargs).arguments
+        self.context.layout = self.family.read_layout(module, inputs)
+        timestep = self.family.timestep_of(inputs)
+        self.context.step = None if timestep is None else self._step_state(timestep)
+        return args, kwargs
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.context.reset()
+        return module
+
+    def _step_state(self, timestep: float) -> StepState:
+        pipeline = self._pipeline() if self._pipeline is not None else None
+        scheduler = getattr(pipeline, "scheduler", None)
+        schedule = getattr(scheduler, "timesteps", None)
+        num_train = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None) or 1000
+        if schedule is None or len(schedule) == 0:
+            return StepState(timestep, None, None, min(max(1.0 - timestep / num_train, 0.0), 1.0))
+        # Found by value: robust to CFG (several calls per step), img2img (schedule entered late) and restarts.
+        index = int((schedule.detach().float().cpu() - timestep).abs().argmin())
+        return StepState(timestep, index, len(schedule), index / len(schedule))
+
+
+def install_hook(module: torch.nn.Module, hook: ModelHook, name: str):
+    """Register a diffusers ``hook`` and return an undo function that leaves no trace of it.
+
+    diffusers' registry stays on the module and pins an instance-level ``forward`` even when emptied; undo removes
+    what was not there before, so the module is exactly as before.
+    """
+    had_registry = hasattr(module, "_diffusers_hook")
+    had_forward_attribute = "forward" in vars(module)
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    registry.register_hook(hook, name)
+
+    def remove() -> None:
+        registry.remove_hook(name, recurse=False)
+        if registry.hooks:
+            return
+        # With no hooks left the pinned forward is the class's own again; diffusers may have created the registry
+        # itself (``cache_context`` does), so only a registry that was ours is deleted.
+        if not had_forward_attribute:
+            vars(module).pop("forward", None)
+        if not had_registry:
+            del module._diffusers_hook
+
+    return remove

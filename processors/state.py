@@ -1,0 +1,89 @@
+"""Per-patch facts that attention processors read: where the denoiser is in the schedule and how tokens are laid out.
+
+A denoiser hook (see ``accel.pipelines.hooks``) writes them before every forward; processors only read. One
+``PatchContext`` exists per patched model, so two pipelines patched with different settings never share state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class StepState:
+    """Where the current denoiser call sits in the sampling schedule.
+
+    Attributes:
+        timestep (`float`):
+            The timestep in the scheduler's units (0..``num_train_timesteps``; FLUX's ``t / 1000`` is scaled back).
+        step_index (`int | None`):
+            Index of that timestep in the scheduler's full schedule, found by value, so it is right under classifier-free
+            guidance (one call or two per step), img2img with ``strength < 1`` (the schedule starts late) and repeated
+            generations. ``None`` when the model was patched without its pipeline (no scheduler to look at).
+        num_steps (`int | None`):
+            Length of the scheduler's full schedule, ``None`` without a pipeline.
+        progress (`float`):
+            Fraction of the schedule already done, in ``[0, 1)``: ``step_index / num_steps``; without a scheduler, the
+            noise level ``1 - timestep / num_train_timesteps`` stands in.
+    """
+
+    timestep: float
+    step_index: int | None
+    num_steps: int | None
+    progress: float
+
+
+@dataclass(frozen=True)
+class LatentLayout:
+    """Token layout of the denoiser's input for the current call.
+
+    Attributes:
+        grid (`tuple[int, ...] | None`):
+            Visual token grid at full resolution: ``(H, W)`` latent pixels for a UNet, ``(H, W)`` patches for FLUX,
+            ``(T, H, W)`` patches for HunyuanVideo. ``None`` when it cannot be told from the inputs (e.g. FLUX with
+            extra conditioning tokens).
+        text_tokens (`int`):
+            Number of text tokens that join the visual ones in joint attention (0 for a UNet).
+        text_first (`bool`):
+            True where text tokens precede visual tokens in the joint sequence (FLUX), False where they follow
+            (HunyuanVideo).
+        batch_size (`int`):
+            Batch of the denoiser call (doubled under batched classifier-free guidance).
+    """
+
+    grid: tuple[int, ...] | None
+    text_tokens: int = 0
+    text_first: bool = False
+    batch_size: int = 1
+
+    def level_grid(self, num_tokens: int) -> tuple[int, ...]:
+        """Grid of a UNet level holding ``num_tokens`` tokens.
+
+        UNet down-sampling convolutions use stride 2 with padding 1, so an odd side ``n`` becomes ``ceil(n / 2)``;
+        the level is found by halving until the token count matches.
+        """
+        if self.grid is None:
+            raise RuntimeError("the latent grid of this call is unknown; the denoiser hook did not record it")
+        grid = self.grid
+        for _ in range(8):
+            if math.prod(grid) == num_tokens:
+                return grid
+            grid = tuple(math.ceil(side / 2) for side in grid)
+        raise ValueError(f"{num_tokens} tokens do not match any down-sampled level of the latent grid {self.grid}")
+
+
+@dataclass
+class PatchContext:
+    """Mutable per-patch state shared by one model's hook (writer) and processors (readers)."""
+
+    family: str
+    step: StepState | None = None
+    layout: LatentLayout | None = None
+    # Method-owned per-generation state (attention stores, caches) keyed by method name; cleared on reset.
+    scratch: dict[str, object] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.step = None
+        self.layout = None
+        self.scratch.clear()

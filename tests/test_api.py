@@ -1,0 +1,246 @@
+"""The public surface: patch / unpatch / patched, configs, the registry, and clear errors that leave models untouched."""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+from helpers import generate, model_fingerprint
+
+import accel
+from accel.processors.dense import DenseAttnProcessor
+
+
+@pytest.fixture
+def sd(tiny_pipelines):
+    pipe = tiny_pipelines["sd15-tiny"]
+    yield pipe
+    accel.unpatch(pipe)
+
+
+def test_methods_lists_dense_with_its_families():
+    listing = {m.name: m for m in accel.methods()}
+    assert listing["dense"].families == ("unet", "flux", "hunyuanvideo")
+    assert listing["dense"].config_class is accel.DenseConfig
+
+
+def test_patch_accepts_the_denoiser_and_unpatch_accepts_either(sd):
+    before = model_fingerprint(sd.unet)
+    handle = accel.patch(sd.unet, "dense")
+    assert accel.get_patch(sd) is handle
+    accel.unpatch(sd)
+    assert not handle.active and accel.get_patch(sd.unet) is None
+    assert model_fingerprint(sd.unet) == before
+
+
+def test_patching_twice_replaces_and_one_unpatch_restores(sd):
+    before = model_fingerprint(sd.unet)
+    first = accel.patch(sd, "dense", layers=r".*attn1")
+    second = accel.patch(sd, accel.DenseConfig(layers=r".*attn2"))
+    assert not first.active and second.active
+    kinds = {name.rsplit(".", 1)[-1] for name in second.layers}
+    assert kinds == {"attn2"}
+    # attn1 layers are back to diffusers' own processors, not wrapped twice.
+    assert not any(isinstance(p, DenseAttnProcessor) for k, p in sd.unet.attn_processors.items() if "attn1" in k)
+    accel.unpatch(sd)
+    assert model_fingerprint(sd.unet) == before
+
+
+def test_handle_and_context_manager_restore(sd):
+    before = model_fingerprint(sd.unet)
+    with accel.patch(sd) as handle:
+        assert handle.configs == (accel.DenseConfig(),)
+    assert model_fingerprint(sd.unet) == before
+    handle.remove()  # idempotent
+
+    outer = accel.patch(sd, "dense", layers=r".*attn1")
+    with accel.patched(sd, "dense", layers=r".*attn2") as inner:
+        assert not outer.active and inner.active
+    restored = accel.get_patch(sd)
+    assert restored is not None and restored.configs == outer.configs
+    accel.unpatch(sd)
+    assert model_fingerprint(sd.unet) == before
+
+
+def test_unpatch_on_a_never_patched_model_is_a_no_op(sd):
+    before = model_fingerprint(sd.unet)
+    accel.unpatch(sd)
+    accel.unpatch(sd.unet)
+    assert model_fingerprint(sd.unet) == before
+
+
+def test_layers_option_narrows_the_patch(sd):
+    handle = accel.patch(sd, "dense", layers=r"up_blocks\..*attn1")
+    assert handle.layers and all(n.startswith("up_blocks.") and n.endswith("attn1") for n in handle.layers)
+    patched = {k for k, p in sd.unet.attn_processors.items() if isinstance(p, DenseAttnProcessor)}
+    assert patched == {f"{n}.processor" for n in handle.layers}
+
+
+def test_config_round_trips_through_dict():
+    config = accel.DenseConfig(layers=r".*attn1")
+    data = config.to_dict()
+    assert data == {"method": "dense", "layers": r".*attn1", "version": 1}
+    assert accel.DenseConfig.from_options(layers=data["layers"]) == config
+
+
+@pytest.mark.parametrize(
+    ("target", "words"),
+    [
+        (42, ["int", "pipeline"]),
+        (torch.nn.Linear(2, 2), ["Linear", "UNet2DConditionModel", "FluxTransformer2DModel"]),
+    ],
+)
+def test_unsupported_targets_are_refused(target, words):
+    with pytest.raises(accel.UnsupportedModelError) as error:
+        accel.patch(target)
+    assert all(w in str(error.value) for w in words)
+
+
+def test_unsupported_pipeline_family_is_refused():
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
+
+    def processors():
+        return {name: id(m.processor) for name, m in unet.named_modules() if hasattr(m, "processor")}
+
+    before = processors()
+    assert before
+    with pytest.raises(accel.UnsupportedModelError, match="UNet2DModel.*supported denoisers"):
+        accel.patch(pipe)
+    assert processors() == before
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "error", "words"),
+    [
+        ("dens", {}, accel.UnknownMethodError, ["'dens'", "dense", "Did you mean"]),
+        ("dense", {"layer": ".*"}, accel.InvalidOptionError, ["no option 'layer'", "layers", "Did you mean"]),
+        ("dense", {"layers": 5}, accel.InvalidOptionError, ["regex string"]),
+        ("dense", {"layers": "attn1("}, accel.InvalidOptionError, ["not a valid regex"]),
+        ("dense", {"layers": "attn1"}, accel.InvalidOptionError, ["matches none", "whole name"]),
+        (["dense", "dense"], {}, accel.InvalidOptionError, ["twice"]),
+        (["dense"], {"layers": ".*"}, accel.InvalidOptionError, ["ambiguous"]),
+        ([], {}, accel.InvalidOptionError, ["empty"]),
+        (3.5, {}, accel.InvalidOptionError, ["method name"]),
+    ],
+)
+def test_bad_methods_and_options_leave_the_model_untouched(sd, method, options, error, words):
+    previous = accel.patch(sd, "dense", layers=r".*attn2")
+    before = model_fingerprint(sd.unet)
+    with pytest.raises(error) as raised:
+        accel.patch(sd, method, **options)
+    assert all(w in str(raised.value) for w in words), str(raised.value)
+    assert model_fingerprint(sd.unet) == before
+    assert previous.active
+
+
+def test_a_foreign_processor_is_never_silently_replaced(sd):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class UserProcessor(AttnProcessor2_0):
+        pass
+
+    key = next(k for k in sd.unet.attn_processors if k.endswith("attn1.processor"))
+    processors = dict(sd.unet.attn_processors)
+    original = processors[key]
+    processors[key] = UserProcessor()
+    sd.unet.set_attn_processor(processors)
+    try:
+        before = model_fingerprint(sd.unet)
+        with pytest.raises(accel.PatchConflictError, match="UserProcessor"):
+            accel.patch(sd, "dense")
+        assert model_fingerprint(sd.unet) == before
+        # Excluding that layer is the documented way around it.
+        layer = key.removesuffix(".processor").replace(".", r"\.")
+        handle = accel.patch(sd, "dense", layers=rf"(?!{layer}$).*")
+        assert key.removesuffix(".processor") not in handle.layers
+    finally:
+        accel.unpatch(sd)
+        processors = dict(sd.unet.attn_processors)
+        processors[key] = original
+        sd.unet.set_attn_processor(processors)
+
+
+@dataclass(kw_only=True)
+class _TaggedConfig(accel.MethodConfig):
+    """Test-only method: dense attention that counts its calls."""
+
+    name: ClassVar[str] = "test-tagged"
+    scale: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.scale <= 0:
+            raise accel.InvalidOptionError(f"scale must be > 0, got {self.scale}")
+
+
+class _CountingProcessor(DenseAttnProcessor):
+    def __init__(self, context, layer, counter):
+        super().__init__(context=context, layer=layer)
+        self.counter = counter
+
+    def attend(self, query, key, value, attention_mask, call):
+        self.counter[self.layer] = self.counter.get(self.layer, 0) + 1
+        return super().attend(query, key, value, attention_mask, call)
+
+
+@pytest.fixture
+def tagged_method():
+    counter = {}
+
+    @accel.register_method(_TaggedConfig, families=("unet",))
+    def apply_tagged(plan, config):
+        for site in plan.select(config, kinds=("cross",)):
+            plan.set_processor(site, _CountingProcessor(plan.context, site.name, counter))
+
+    yield counter
+    accel.unregister_method("test-tagged")
+
+
+def test_third_party_methods_register_and_compose(sd, tagged_method):
+    assert "test-tagged" in {m.name for m in accel.methods()}
+    with pytest.raises(accel.InvalidOptionError, match="scale must be > 0"):
+        accel.patch(sd, "test-tagged", scale=-1.0)
+    handle = accel.patch(sd, [accel.DenseConfig(layers=r".*attn1"), _TaggedConfig()])
+    assert set(handle.layers.values()) == {"dense", "test-tagged"}
+    generate(sd, "sd15-tiny", steps=1)
+    cross_layers = {n for n, owner in handle.layers.items() if owner == "test-tagged"}
+    assert set(tagged_method) == cross_layers
+    with pytest.raises(accel.PatchConflictError, match="both replace"):
+        accel.patch(sd, [accel.DenseConfig(), _TaggedConfig()])
+    assert handle.active
+
+
+def test_method_refuses_families_it_does_not_support(tiny_pipelines, tagged_method):
+    pipe = tiny_pipelines["flux-tiny"]
+    with pytest.raises(accel.UnsupportedModelError, match="supports unet models, not flux"):
+        accel.patch(pipe, "test-tagged")
+    assert accel.get_patch(pipe) is None
+
+
+def test_two_pipelines_patched_differently_do_not_share_state(tiny_pipelines):
+    first = tiny_pipelines["sd15-tiny"]
+    second = accel.load_pipeline("sd15-tiny", seed=1)
+    try:
+        handle_a = accel.patch(first, "dense", layers=r".*attn1")
+        handle_b = accel.patch(second, "dense", layers=r".*attn2")
+        assert handle_a.context is not handle_b.context
+        reference_a = generate(first, "sd15-tiny", height=64, width=64)
+        generate(second, "sd15-tiny", height=32, width=32)
+        assert handle_a.context.layout.grid == (8, 8)
+        assert handle_b.context.layout.grid == (4, 4)
+        accel.unpatch(second)
+        assert handle_a.active
+        assert np.array_equal(generate(first, "sd15-tiny", height=64, width=64), reference_a)
+    finally:
+        accel.unpatch(first)
+        accel.unpatch(second)

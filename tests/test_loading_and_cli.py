@@ -1,0 +1,67 @@
+"""accel.load_pipeline and the `accel` command line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import accel
+from accel.cli import main
+
+
+def test_unknown_builtin_name_suggests_the_closest():
+    with pytest.raises(accel.PipelineNotFoundError, match="Did you mean 'sd15-tiny'"):
+        accel.load_pipeline("sd15-tiyn")
+
+
+def test_hub_id_without_local_weights_says_how_to_get_them():
+    with pytest.raises(accel.PipelineNotFoundError, match="not on this machine.*hf download"):
+        accel.load_pipeline("no-such-owner/no-such-model")
+
+
+def test_local_folder_round_trip(tmp_path, tiny_pipelines):
+    import torch
+
+    pipe = tiny_pipelines["sd15-tiny"]
+    pipe.save_pretrained(tmp_path)
+    loaded = accel.load_pipeline(str(tmp_path))
+    assert type(loaded) is type(pipe)
+    original, reloaded = pipe.unet.state_dict(), loaded.unet.state_dict()
+    assert all(torch.equal(original[k], reloaded[k]) for k in original)
+    assert loaded.tokenizer("a red circle").input_ids == pipe.tokenizer("a red circle").input_ids
+
+
+def test_cli_methods(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "dense" in out and "FLUX.1" in out and "HunyuanVideo" in out
+
+
+@pytest.mark.parametrize(
+    ("model", "extension"), [("sd15-tiny", "png"), ("flux-tiny", "png"), ("hunyuanvideo-tiny", "mp4")]
+)
+def test_cli_compare_writes_outputs_and_prints_the_table(tmp_path, capsys, model, extension):
+    assert main(["compare", "--model", model, "--steps", "2", "--threads", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "PSNR dB" in out and model in out
+    result = json.loads((tmp_path / "results.json").read_text())
+    # "dense" is exact: the two sides are bit-identical.
+    assert result["max_abs_diff"] == 0.0 and result["psnr_db"] == float("inf")
+    for label in ("unpatched", "patched"):
+        path = tmp_path / f"{label}.{extension}"
+        assert path.is_file() and path.stat().st_size > 0
+
+
+def test_cli_rejects_a_bad_method_before_loading(capsys):
+    assert main(["compare", "--model", "sd15-tiny", "--method", "fast"]) == 2
+    assert "unknown method 'fast'; registered methods: dense" in capsys.readouterr().err
+    assert main(["compare", "--model", "sd15-tiny", "--option", "window=8"]) == 2
+    assert "no option 'window'" in capsys.readouterr().err
+    assert main(["compare", "--model", "sd15-tinyy"]) == 2
+    assert "Did you mean 'sd15-tiny'" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point():
+    result = subprocess.run([sys.executable, "-m", "accel", "methods"], capture_output=True, text=True, check=True)
+    assert "dense" in result.stdout

@@ -1,0 +1,166 @@
+"""Step and layout facts reach processors correctly under CFG, img2img, step counts and repeated generations."""
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+from helpers import generate
+
+import accel
+from accel.pipelines import tiny
+
+
+@dataclass(kw_only=True)
+class _ProbeConfig(accel.MethodConfig):
+    """Test-only method: exact attention that records what each attention call was told."""
+
+    name: ClassVar[str] = "test-probe"
+
+
+@pytest.fixture
+def probe():
+    records = []
+
+    def make(base):
+        class Probe(base):
+            def attend(self, query, key, value, attention_mask, call):
+                step, layout = self.context.step, self.context.layout
+                records.append({"call": call, "step": step, "layout": layout, "batch": query.shape[0]})
+                return super().attend(query, key, value, attention_mask, call)
+
+        return Probe
+
+    @accel.register_method(_ProbeConfig, families=("unet", "flux", "hunyuanvideo"))
+    def apply_probe(plan, config):
+        probe_class = make(plan.family.dense_processor_class)
+        for site in plan.select(config):
+            plan.set_processor(site, probe_class(context=plan.context, layer=site.name))
+
+    yield records
+    accel.unregister_method("test-probe")
+
+
+def scheduler_steps(pipe, records):
+    """The distinct (step_index, timestep) pairs seen, in call order."""
+    seen = []
+    for record in records:
+        pair = (record["step"].step_index, record["step"].timestep)
+        if not seen or seen[-1] != pair:
+            seen.append(pair)
+    return seen
+
+
+@pytest.mark.parametrize("steps", [3, 5])
+def test_unet_steps_under_classifier_free_guidance(tiny_pipelines, probe, steps):
+    pipe = tiny_pipelines["sd15-tiny"]
+    with accel.patched(pipe, "test-probe"):
+        generate(pipe, "sd15-tiny", steps=steps, guidance_scale=7.5)
+    timesteps = pipe.scheduler.timesteps.tolist()
+    assert scheduler_steps(pipe, probe) == [(i, float(t)) for i, t in enumerate(timesteps)]
+    assert {r["step"].num_steps for r in probe} == {steps}
+    assert [r["step"].progress for r in probe][-1] == pytest.approx((steps - 1) / steps)
+    # Batched CFG: both halves in one call, and the hook saw the doubled batch.
+    assert {r["batch"] for r in probe} == {2} and {r["layout"].batch_size for r in probe} == {2}
+
+
+def test_unet_level_grids_and_call_kinds(tiny_pipelines, probe):
+    pipe = tiny_pipelines["sd15-tiny"]
+    with accel.patched(pipe, "test-probe"):
+        generate(pipe, "sd15-tiny", steps=1, height=72, width=40)
+    latent = (72 // 8, 40 // 8)
+    assert {r["layout"].grid for r in probe} == {latent}
+    grids = set()
+    for record in probe:
+        call = record["call"]
+        grid = record["layout"].level_grid(call.visual_tokens)
+        assert math.prod(grid) == call.visual_tokens
+        grids.add(grid)
+        assert call.kind == ("self" if call.layer.endswith("attn1") else "cross")
+        if call.kind == "cross":
+            assert call.text_tokens == pipe.tokenizer.model_max_length
+    # 9x5 latent halves with ceil at each down-sampling: odd sides must not break level detection.
+    assert {(9, 5), (5, 3), (3, 2)} <= grids
+
+
+def test_img2img_with_partial_strength_starts_late_in_the_schedule(tiny_pipelines, probe):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline(**tiny_pipelines["sd15-tiny"].components)
+    image = torch.rand(1, 3, 64, 64)
+    with accel.patched(pipe, "test-probe"):
+        pipe(
+            "a red circle",
+            image=image,
+            strength=0.5,
+            num_inference_steps=4,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        )
+    seen = scheduler_steps(pipe, probe)
+    assert [index for index, _ in seen] == [2, 3]
+    assert [r["step"].progress for r in probe][0] == pytest.approx(0.5)
+
+
+def test_repeated_generations_see_the_same_facts(tiny_pipelines, probe):
+    pipe = tiny_pipelines["sd15-tiny"]
+    with accel.patched(pipe, "test-probe"):
+        generate(pipe, "sd15-tiny", steps=2)
+        first = list(probe)
+        probe.clear()
+        generate(pipe, "sd15-tiny", steps=2)
+    assert [(r["step"], r["layout"], r["call"]) for r in probe] == [(r["step"], r["layout"], r["call"]) for r in first]
+
+
+def test_flux_layout_and_timesteps(tiny_pipelines, probe):
+    pipe = tiny_pipelines["flux-tiny"]
+    kwargs = tiny.default_generation_kwargs("flux-tiny")
+    with accel.patched(pipe, "test-probe"):
+        generate(pipe, "flux-tiny", steps=3)
+    # FLUX packs 2x2 latent patches: grid = pixels / (vae factor * 2).
+    factor = pipe.vae_scale_factor * 2
+    grid = (kwargs["height"] // factor, kwargs["width"] // factor)
+    text = kwargs.get("max_sequence_length", 512)
+    assert {r["layout"].grid for r in probe} == {grid}
+    assert {r["layout"].text_tokens for r in probe} == {text}
+    for record in probe:
+        call = record["call"]
+        assert call.kind == "joint" and call.text_first
+        assert (call.visual_tokens, call.text_tokens) == (math.prod(grid), text), call.layer
+    # The transformer receives t / 1000; the hook reports scheduler units.
+    expected = [(i, pytest.approx(float(t), rel=1e-5)) for i, t in enumerate(pipe.scheduler.timesteps.tolist())]
+    assert scheduler_steps(pipe, probe) == expected
+
+
+def test_hunyuanvideo_layout(tiny_pipelines, probe):
+    pipe = tiny_pipelines["hunyuanvideo-tiny"]
+    kwargs = tiny.default_generation_kwargs("hunyuanvideo-tiny")
+    with accel.patched(pipe, "test-probe"):
+        generate(pipe, "hunyuanvideo-tiny", steps=2)
+    config = pipe.transformer.config
+    frames = (kwargs["num_frames"] - 1) // pipe.vae_scale_factor_temporal + 1
+    grid = (
+        frames // config.patch_size_t,
+        kwargs["height"] // pipe.vae_scale_factor_spatial // config.patch_size,
+        kwargs["width"] // pipe.vae_scale_factor_spatial // config.patch_size,
+    )
+    assert {r["layout"].grid for r in probe} == {grid}
+    for record in probe:
+        call = record["call"]
+        assert call.kind == "joint" and not call.text_first
+        assert call.visual_tokens == math.prod(grid)
+        assert call.text_tokens == record["layout"].text_tokens > 0
+    assert [i for i, _ in scheduler_steps(pipe, probe)] == [0, 1]
+
+
+def test_bare_denoiser_has_no_schedule_but_a_noise_level(tiny_pipelines, probe):
+    pipe = tiny_pipelines["sd15-tiny"]
+    unet = pipe.unet
+    sample = torch.randn(1, 4, 8, 8)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim)
+    with accel.patched(unet, "test-probe"), torch.no_grad():
+        unet(sample, torch.tensor([250]), encoder_hidden_states=text)
+    step = probe[0]["step"]
+    assert (step.timestep, step.step_index, step.num_steps) == (250.0, None, None)
+    assert step.progress == pytest.approx(0.75)

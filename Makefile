@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint setup clean
+.PHONY: run test lint setup xformers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,10 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/accel compare --model sd15-tiny --method dense --steps 4 --seed 0 --out outputs/sd15-tiny
-	$(VENV)/bin/accel compare --model sdxl-tiny --method dense --steps 4 --seed 0 --out outputs/sdxl-tiny
-	$(VENV)/bin/accel compare --model flux-tiny --method dense --steps 4 --seed 0 --out outputs/flux-tiny
-	$(VENV)/bin/accel compare --model hunyuanvideo-tiny --method dense --steps 4 --seed 0 --out outputs/hunyuanvideo-tiny
+	$(VENV)/bin/accel compare --model sd15-tiny --method dense --steps 4 --seed 0 --repeats 3 --out outputs/sd15-tiny
+	$(VENV)/bin/accel compare --model sdxl-tiny --method dense --steps 4 --seed 0 --repeats 3 --out outputs/sdxl-tiny
+	$(VENV)/bin/accel compare --model flux-tiny --method dense --steps 4 --seed 0 --repeats 3 --out outputs/flux-tiny
+	$(VENV)/bin/accel compare --model hunyuanvideo-tiny --method dense --steps 4 --seed 0 --repeats 3 --out outputs/hunyuanvideo-tiny
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -28,6 +28,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+xformers: $(STAMP)
+	# Constrain pip to the installed torch, so an xformers build for another torch fails instead of replacing it.
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PIP) install -c $(VENV)/torch-constraint.txt "xformers>=0.0.29"
 
 clean:
 	rm -rf $(VENV) outputs build *.egg-info

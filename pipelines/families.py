@@ -111,7 +111,21 @@ class UNetFamily(ModelFamily):
         return LatentLayout(grid=tuple(sample.shape[-2:]), batch_size=sample.shape[0])
 
 
-class FluxFamily(ModelFamily):
+class _DualStreamFamily(ModelFamily):
+    """Transformers with dual-stream (``transformer_blocks``) and single-stream (``single_transformer_blocks``) blocks.
+
+    Any other attention layer (HunyuanVideo's text-only token refiner) is never touched.
+    """
+
+    def describe(self, name):
+        if name.startswith("transformer_blocks."):
+            return "joint", "double"
+        if name.startswith("single_transformer_blocks."):
+            return "single", "single"
+        return None
+
+
+class FluxFamily(_DualStreamFamily):
     name = "flux"
     title = "FLUX.1"
     denoiser_class_name = "FluxTransformer2DModel"
@@ -123,13 +137,6 @@ class FluxFamily(ModelFamily):
         from diffusers import FluxTransformer2DModel
 
         return FluxTransformer2DModel
-
-    def describe(self, name):
-        if name.startswith("transformer_blocks."):
-            return "joint", "double"
-        if name.startswith("single_transformer_blocks."):
-            return "single", "single"
-        return None
 
     def read_layout(self, denoiser, inputs):
         hidden_states = inputs["hidden_states"]
@@ -150,7 +157,7 @@ class FluxFamily(ModelFamily):
         )
 
 
-class HunyuanVideoFamily(ModelFamily):
+class HunyuanVideoFamily(_DualStreamFamily):
     name = "hunyuanvideo"
     title = "HunyuanVideo"
     denoiser_class_name = "HunyuanVideoTransformer3DModel"
@@ -161,14 +168,6 @@ class HunyuanVideoFamily(ModelFamily):
         from diffusers import HunyuanVideoTransformer3DModel
 
         return HunyuanVideoTransformer3DModel
-
-    def describe(self, name):
-        # The text token refiner (context_embedder.token_refiner.*) attends over text only: never touched.
-        if name.startswith("transformer_blocks."):
-            return "joint", "double"
-        if name.startswith("single_transformer_blocks."):
-            return "single", "single"
-        return None
 
     def read_layout(self, denoiser, inputs):
         hidden_states = inputs["hidden_states"]

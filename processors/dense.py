@@ -76,6 +76,17 @@ class DenseAttentionProcessorBase:
             parallel_config=self._parallel_config,
         )
 
+    def _attend_joint(self, query, key, value, attention_mask, text_tokens: int, text_first: bool) -> torch.Tensor:
+        """``attend`` on a sequence holding text and visual tokens; returns ``[B, S, H * D]``."""
+        call = AttentionCall(
+            layer=self.layer,
+            kind="joint",
+            visual_tokens=query.shape[1] - text_tokens,
+            text_tokens=text_tokens,
+            text_first=text_first,
+        )
+        return self.attend(query, key, value, attention_mask, call).flatten(2, 3).to(query.dtype)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer!r})"
 
@@ -209,15 +220,7 @@ class DenseFluxAttnProcessor(DenseAttentionProcessorBase):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        call = AttentionCall(
-            layer=self.layer,
-            kind="joint",
-            visual_tokens=query.shape[1] - text_tokens,
-            text_tokens=text_tokens,
-            text_first=True,
-        )
-        hidden_states = self.attend(query, key, value, attention_mask, call)
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        hidden_states = self._attend_joint(query, key, value, attention_mask, text_tokens, text_first=True)
 
         if not double_block:
             return hidden_states
@@ -282,15 +285,7 @@ class DenseHunyuanVideoAttnProcessor(DenseAttentionProcessorBase):
             key = torch.cat([key, text_key], dim=1)
             value = torch.cat([value, text_value], dim=1)
 
-        call = AttentionCall(
-            layer=self.layer,
-            kind="joint",
-            visual_tokens=query.shape[1] - text_tokens,
-            text_tokens=text_tokens,
-            text_first=False,
-        )
-        hidden_states = self.attend(query, key, value, attention_mask, call)
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        hidden_states = self._attend_joint(query, key, value, attention_mask, text_tokens, text_first=False)
 
         if not text_tokens:
             return hidden_states, encoder_hidden_states

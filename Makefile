@@ -17,10 +17,11 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/accel compare --model sd15-tiny --method dense --steps 4 --seed 0 --repeats 3 --out outputs/sd15-tiny
-	$(VENV)/bin/accel compare --model sdxl-tiny --method dense --steps 4 --seed 0 --repeats 3 --out outputs/sdxl-tiny
-	$(VENV)/bin/accel compare --model flux-tiny --method dense --steps 4 --seed 0 --repeats 3 --out outputs/flux-tiny
-	$(VENV)/bin/accel compare --model hunyuanvideo-tiny --method dense --steps 4 --seed 0 --repeats 3 --out outputs/hunyuanvideo-tiny
+	# The embedded default: the shipped shapes-sd model, unpatched vs patched, same seed; then the four tiny families.
+	$(VENV)/bin/accel compare --prompt "a red circle and a blue square" --repeats 3 --out outputs/shapes-sd
+	for model in sd15-tiny sdxl-tiny flux-tiny hunyuanvideo-tiny; do \
+		$(VENV)/bin/accel compare --model $$model --method dense --seed 0 --repeats 3 --out outputs/$$model || exit 1; \
+	done
 
 test: $(STAMP)
 	$(PY) -m pytest

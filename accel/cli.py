@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_PROMPT = "a photo of a red circle and a blue square"
+DEFAULT_PROMPT = "a red circle and a blue square"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         "compare",
         help="run a pipeline unpatched and patched with the same seed; print time, speed-up and output difference",
     )
-    compare.add_argument("--model", default="sd15-tiny", help="built-in name, hub id or local folder")
+    compare.add_argument("--model", default="shapes-sd", help="built-in name, hub id or local folder")
     compare.add_argument("--method", default="dense", help="registered method name (see `accel methods`)")
     compare.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable (JSON values)"
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--height", type=int, default=None, help="pixels; default: the model's own small default")
     compare.add_argument("--width", type=int, default=None)
     compare.add_argument("--frames", type=int, default=None, help="video models: number of frames")
-    compare.add_argument("--steps", type=int, default=4)
+    compare.add_argument("--steps", type=int, default=None, help="default: the built-in model's own (else 25)")
     compare.add_argument("--guidance", type=float, default=None, help="guidance scale; default: the pipeline's")
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--repeats", type=int, default=1, help="timed runs of each side (median reported)")
@@ -88,7 +88,6 @@ def _run_compare(args) -> int:
 
     import accel
     from accel import metrics
-    from accel.pipelines import tiny
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,7 +97,8 @@ def _run_compare(args) -> int:
     accel.registry.method_info(args.method).config_class.from_options(**options)
 
     pipe = accel.load_pipeline(args.model, dtype=dtype).to(device)
-    call = _call_kwargs(args, tiny)
+    call = _call_kwargs(args)
+    steps = call.pop("num_inference_steps")
     is_video = "num_frames" in call
 
     def generate(num_inference_steps: int):
@@ -116,10 +116,10 @@ def _run_compare(args) -> int:
     plain_times, patched_times = [], []
     plain = patched = None
     for _ in range(max(args.repeats, 1)):
-        seconds, plain = generate(args.steps)
+        seconds, plain = generate(steps)
         plain_times.append(seconds)
         with accel.patched(pipe, args.method, **options):
-            seconds, patched = generate(args.steps)
+            seconds, patched = generate(steps)
         patched_times.append(seconds)
 
     plain_s, patched_s = statistics.median(plain_times), statistics.median(patched_times)
@@ -131,7 +131,7 @@ def _run_compare(args) -> int:
         "dtype": str(next(pipe.components[_denoiser_name(pipe)].parameters()).dtype),
         "call": {k: v for k, v in call.items() if k != "prompt"},
         "prompt": args.prompt,
-        "steps": args.steps,
+        "steps": steps,
         "seed": args.seed,
         "repeats": max(args.repeats, 1),
         "plain_seconds": plain_s,
@@ -158,7 +158,7 @@ def _run_compare(args) -> int:
             )
         ],
     )
-    print(f"device {device}, dtype {result['dtype']}, {args.steps} steps, seed {args.seed}; outputs in {args.out}/")
+    print(f"device {device}, dtype {result['dtype']}, {steps} steps, seed {args.seed}; outputs in {args.out}/")
     return 0
 
 
@@ -166,9 +166,16 @@ def _denoiser_name(pipe) -> str:
     return "unet" if "unet" in pipe.components else "transformer"
 
 
-def _call_kwargs(args, tiny) -> dict[str, Any]:
-    call: dict[str, Any] = dict(tiny.default_generation_kwargs(args.model)) if args.model in tiny.BUILTIN_NAMES else {}
-    for key, value in (("height", args.height), ("width", args.width), ("num_frames", args.frames)):
+def _call_kwargs(args) -> dict[str, Any]:
+    from accel.loading import default_call_kwargs
+
+    call: dict[str, Any] = {"num_inference_steps": 25, **default_call_kwargs(args.model)}
+    for key, value in (
+        ("height", args.height),
+        ("width", args.width),
+        ("num_frames", args.frames),
+        ("num_inference_steps", args.steps),
+    ):
         if value is not None:
             call[key] = value
     if args.guidance is not None:

@@ -272,17 +272,22 @@ def _learn_merges(words: Iterable[list[str]]) -> list[tuple[str, str]]:
 
 
 def _clip_tokenizer():
+    return build_clip_tokenizer(_words(), model_max_length=77)
+
+
+def build_clip_tokenizer(words: Iterable[str], model_max_length: int):
+    """An in-memory byte-level CLIP tokenizer in which each of ``words`` is exactly one token."""
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
 
     # Every byte is a token both inside and at the end of a word, so any text encodes; the merges add whole words.
     alphabet = sorted(ByteLevel.alphabet())
     tokens = alphabet + [ch + _BYTE_LEVEL_EOW for ch in alphabet]
-    merges = _learn_merges([*word[:-1], word[-1] + _BYTE_LEVEL_EOW] for word in _words())
+    merges = _learn_merges([*word[:-1], word[-1] + _BYTE_LEVEL_EOW] for word in words)
     tokens += [a + b for a, b in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
 def _t5_tokenizer():

@@ -1,0 +1,293 @@
+"""Quality benchmark on the shipped ``shapes-sd`` model: fidelity, prompt adherence and duplication.
+
+    python benchmarks/quality.py --method dense --images-per-prompt 4 --scales 1 2 4
+
+For every scale (1x, 2x, 4x the 64 px training resolution), every prompt of a fixed set and N seeds, it generates
+with the unpatched pipeline and, unless ``--method none``, with the patched one (same seeds). The procedural detector
+(``accel.pipelines.shapes_detector``) then scores each image:
+
+- adherence: every requested object is found with the right colour and shape;
+- duplication: copies of requested objects beyond the number asked (rate = share of images with any);
+- fidelity of the patched images against the unpatched ones: PSNR, SSIM, SQNR.
+
+Writes ``results.json``, ``grid.png`` (samples) and ``quality.png`` (plots) under ``--out`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import accel
+from accel import metrics
+from accel.pipelines import shapes, shapes_detector
+
+COLOUR_NAMES = list(shapes.COLOURS)
+PROMPTS: dict[str, list[str]] = {
+    "single": [f"a {c} {s}" for s in shapes.SHAPES for c in COLOUR_NAMES],
+    "pair": [
+        "a red circle and a blue square",
+        "a yellow star and a green triangle",
+        "a blue circle and a purple star",
+        "a green square and a red triangle",
+        "a purple circle and a yellow square",
+        "a red star and a blue triangle",
+        "a yellow circle and a green star",
+        "a blue square and a red circle",
+    ],
+    "relation": [
+        "a red circle left of a blue square",
+        "a green star right of a yellow circle",
+        "a purple triangle left of a green circle",
+        "a blue star right of a red square",
+    ],
+    "count": ["two red circles", "two blue squares", "two yellow stars", "two green triangles", "two purple circles"],
+}
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM of two ``[H, W, 3]`` images in [0, 1], 7x7 Gaussian window (sigma 1.5), per channel."""
+    x = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[:, None].double()
+    y = torch.from_numpy(np.ascontiguousarray(b)).permute(2, 0, 1)[:, None].double()
+    coords = torch.arange(7, dtype=torch.float64) - 3
+    kernel_1d = torch.exp(-(coords**2) / (2 * 1.5**2))
+    kernel = (kernel_1d[:, None] * kernel_1d[None]).div(kernel_1d.sum() ** 2)[None, None]
+
+    def blur(t):
+        return F.conv2d(t, kernel)
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y, cov = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return float(value.mean())
+
+
+def generate(pipe, prompt: str, seeds: list[int], size: int, steps: int, guidance: float) -> np.ndarray:
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    with torch.inference_mode():
+        return pipe(
+            [prompt] * len(seeds),
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=generators,
+            output_type="np",
+        ).images
+
+
+def evaluate(args) -> dict:
+    torch.set_num_threads(args.threads)
+    pipe = accel.load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    options = _parse_options(args.option)
+    prompts = [(group, p) for group in args.groups for p in PROMPTS[group][: args.prompts_per_group]]
+    seeds = [args.seed + k for k in range(args.images_per_prompt)]
+    sides = ["unpatched"] if args.method == "none" else ["unpatched", args.method]
+    rng = np.random.default_rng(args.seed)
+
+    records, samples = [], {}
+    started = time.perf_counter()
+    for scale in args.scales:
+        size = shapes.BASE_RESOLUTION * scale
+        for group, prompt in prompts:
+            scene = shapes.scene_from_caption(prompt, rng)
+            outputs, seconds = {}, {}
+            for side in sides:
+                tick = time.perf_counter()
+                if side == "unpatched":
+                    outputs[side] = generate(pipe, prompt, seeds, size, args.steps, args.guidance)
+                else:
+                    with accel.patched(pipe, args.method, **options):
+                        outputs[side] = generate(pipe, prompt, seeds, size, args.steps, args.guidance)
+                seconds[side] = time.perf_counter() - tick
+            for k, seed in enumerate(seeds):
+                record = {"scale": scale, "size": size, "group": group, "prompt": prompt, "seed": seed}
+                for side in sides:
+                    result = shapes_detector.score(outputs[side][k], scene)
+                    record[side] = {
+                        "adherent": result.adherent,
+                        "colour_adherent": result.colour_adherent,
+                        "duplicates": result.duplicates,
+                        "found": [f"{d.colour} {d.shape}" for d in result.detections],
+                        "seconds_per_image": seconds[side] / len(seeds),
+                    }
+                if len(sides) == 2:
+                    a, b = outputs["unpatched"][k], outputs[args.method][k]
+                    record["fidelity"] = {
+                        "psnr_db": metrics.psnr(a, b),
+                        "ssim": ssim(a, b),
+                        "sqnr_db": metrics.sqnr(a, b),
+                    }
+                records.append(record)
+            samples.setdefault(scale, []).append({side: outputs[side][0] for side in sides})
+    summary = summarise(records, sides)
+    result = {
+        "model": args.model,
+        "method": args.method,
+        "options": options,
+        "device": _device_name(),
+        "dtype": str(pipe.unet.dtype),
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "images_per_prompt": args.images_per_prompt,
+        "seeds": seeds,
+        "base_resolution": shapes.BASE_RESOLUTION,
+        "scales": args.scales,
+        "threads": args.threads,
+        "seconds": time.perf_counter() - started,
+        "summary": summary,
+        "images": records,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    _save_grid(samples, sides, out / "grid.png")
+    _plot(summary, sides, result, out / "quality.png")
+    _print_summary(summary, sides, result)
+    return result
+
+
+def summarise(records: list[dict], sides: list[str]) -> dict:
+    summary: dict = {}
+    for scale in sorted({r["scale"] for r in records}):
+        for group in ["all", *dict.fromkeys(r["group"] for r in records)]:
+            chosen = [r for r in records if r["scale"] == scale and (group == "all" or r["group"] == group)]
+            entry: dict = {"images": len(chosen)}
+            for side in sides:
+                entry[side] = {
+                    "adherence": float(np.mean([r[side]["adherent"] for r in chosen])),
+                    "colour_adherence": float(np.mean([r[side]["colour_adherent"] for r in chosen])),
+                    "duplication_rate": float(np.mean([r[side]["duplicates"] > 0 for r in chosen])),
+                    "mean_duplicates": float(np.mean([r[side]["duplicates"] for r in chosen])),
+                    "seconds_per_image": float(np.mean([r[side]["seconds_per_image"] for r in chosen])),
+                }
+            if "fidelity" in chosen[0]:
+                for key in ("psnr_db", "ssim", "sqnr_db"):
+                    values = [r["fidelity"][key] for r in chosen]
+                    entry.setdefault("fidelity", {})[key] = float(np.mean(np.minimum(values, 1e9)))
+            summary.setdefault(f"{scale}x", {})[group] = entry
+    return summary
+
+
+def _print_summary(summary: dict, sides: list[str], result: dict) -> None:
+    header = ["scale", "prompts", "images"]
+    for side in sides:
+        header += [f"{side} adherence", f"{side} dup rate", f"{side} s/img"]
+    if len(sides) == 2:
+        header += ["PSNR dB", "SSIM", "SQNR dB"]
+    rows = []
+    for scale, groups in summary.items():
+        for group, entry in groups.items():
+            row = [scale, group, str(entry["images"])]
+            for side in sides:
+                s = entry[side]
+                row += [f"{s['adherence']:.2f}", f"{s['duplication_rate']:.2f}", f"{s['seconds_per_image']:.2f}"]
+            if "fidelity" in entry:
+                f = entry["fidelity"]
+                row += [f"{f['psnr_db']:.1f}", f"{f['ssim']:.3f}", f"{f['sqnr_db']:.1f}"]
+            rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    print(
+        f"{result['model']}, {result['device']}, {result['dtype']}, {result['steps']} DDIM steps, "
+        f"guidance {result['guidance_scale']}, {result['images_per_prompt']} seeds per prompt"
+    )
+
+
+def _save_grid(samples: dict, sides: list[str], path: Path, tile: int = 128) -> None:
+    """One row per (scale, side), one column per prompt (its first seed), every tile resized to ``tile`` pixels."""
+    from PIL import Image
+
+    rows = []
+    for items in samples.values():
+        for side in sides:
+            tiles = [np.asarray(Image.fromarray(_uint8(item[side])).resize((tile, tile))) for item in items[:10]]
+            rows.append(np.concatenate(tiles, axis=1))
+    width = max(row.shape[1] for row in rows)
+    rows = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0)), constant_values=255) for row in rows]
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
+def _plot(summary: dict, sides: list[str], result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = list(summary)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for side in sides:
+        axes[0].plot(scales, [summary[s]["all"][side]["adherence"] for s in scales], marker="o", label=side)
+        axes[1].plot(scales, [summary[s]["all"][side]["duplication_rate"] for s in scales], marker="o", label=side)
+    axes[0].set_title("prompt adherence (all prompts)")
+    axes[1].set_title("duplication rate (images with extra copies)")
+    for ax in axes:
+        ax.set_xlabel(f"resolution (x {shapes.BASE_RESOLUTION} px)")
+        ax.set_ylim(0, 1.05)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        f"{result['model']} on {result['device']}, {result['dtype']}, {result['steps']} steps, "
+        f"{result['images_per_prompt']} seeds/prompt; baseline: unpatched",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _uint8(image: np.ndarray) -> np.ndarray:
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu {platform.machine()} ({os.cpu_count()} cores)"
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="shapes-sd")
+    parser.add_argument("--method", default="none", help="registered method, or `none` for the unpatched model only")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--groups", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
+    parser.add_argument("--prompts-per-group", type=int, default=None, help="first K prompts of each group")
+    parser.add_argument("--images-per-prompt", type=int, default=4)
+    parser.add_argument("--scales", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=6.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", default="benchmarks/results/quality")
+    args = parser.parse_args(argv)
+    evaluate(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

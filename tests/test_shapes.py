@@ -1,0 +1,141 @@
+"""The shapes world: generator, tokenizer, detector, the shipped trained model and the quality benchmark."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import accel
+from accel.pipelines import shapes, shapes_detector
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_generator_is_seeded_and_captions_follow_the_grammar():
+    images_a, scenes_a = shapes.dataset(16, seed=3)
+    images_b, scenes_b = shapes.dataset(16, seed=3)
+    assert np.array_equal(images_a, images_b) and scenes_a == scenes_b
+    assert images_a.shape == (16, 64, 64, 3) and images_a.dtype == np.uint8
+    words = set(shapes.vocabulary())
+    for scene in scenes_a:
+        assert set(scene.caption.split()) <= words
+        assert sum(scene.requested().values()) == len(scene.objects)
+
+
+@pytest.mark.parametrize(
+    ("caption", "requested"),
+    [
+        ("a red circle", {("red", "circle"): 1}),
+        ("a blue square and a yellow triangle", {("blue", "square"): 1, ("yellow", "triangle"): 1}),
+        ("a green star left of a red circle", {("green", "star"): 1, ("red", "circle"): 1}),
+        ("two red circles", {("red", "circle"): 2}),
+    ],
+)
+def test_scene_from_caption(caption, requested):
+    scene = shapes.scene_from_caption(caption, np.random.default_rng(0))
+    assert scene.requested() == requested
+    if "left of" in caption:
+        assert scene.objects[0].x < scene.objects[1].x
+
+
+def test_caption_outside_the_grammar_is_refused():
+    with pytest.raises(ValueError, match="outside the shapes grammar"):
+        shapes.scene_from_caption("a pink circle", np.random.default_rng(0))
+
+
+def test_every_grammar_word_is_one_token():
+    tokenizer = shapes.build_tokenizer()
+    for word in shapes.vocabulary():
+        assert tokenizer.tokenize(word) == [word + "</w>"]
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_detector_accuracy_on_generator_images(size):
+    rng = np.random.default_rng(1234)
+    correct, total = 0, 200
+    for _ in range(total):
+        scene = shapes.sample_scene(rng)
+        correct += shapes_detector.matches_exactly(shapes_detector.detect(shapes.render(scene, size, rng)), scene)
+    accuracy = correct / total
+    print(f"detector accuracy at {size} px: {accuracy:.3f}")
+    assert accuracy >= 0.95
+
+
+def test_detector_scores_duplicates_and_misses():
+    rng = np.random.default_rng(0)
+    two = shapes.scene_from_caption("two red circles", rng)
+    image = shapes.render(two, 128, rng)
+    asked_one = shapes.scene_from_caption("a red circle", rng)
+    score = shapes_detector.score(image, asked_one)
+    assert score.adherent and score.duplicates == 1
+    asked_blue = shapes.scene_from_caption("a blue circle", rng)
+    score = shapes_detector.score(image, asked_blue)
+    assert not score.adherent and not score.colour_adherent and score.duplicates == 0
+
+
+def test_shipped_weights_load_offline_and_are_small():
+    files = [p for p in shapes.WEIGHTS_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+    record = shapes.training_record()
+    assert record["unet_steps"] > 0 and record["total_seconds"] > 0
+    pipe = accel.load_pipeline("shapes-sd")
+    assert pipe.unet.dtype == torch.float32 and not pipe.unet.training
+    image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert image.images.shape == (1, 64, 64, 3)
+
+
+def test_shipped_model_draws_single_objects():
+    """A guard on the shipped weights: one seed per single-object prompt, the benchmark's settings."""
+    pipe = accel.load_pipeline("shapes-sd")
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [f"a {c} {s}" for s in shapes.SHAPES for c in shapes.COLOURS]
+    images = pipe(
+        prompts,
+        num_inference_steps=25,
+        guidance_scale=6.0,
+        generator=[torch.Generator().manual_seed(0) for _ in prompts],
+        output_type="np",
+    ).images
+    rng = np.random.default_rng(0)
+    hits = [
+        shapes_detector.score(im, shapes.scene_from_caption(p, rng)).adherent
+        for im, p in zip(images, prompts, strict=True)
+    ]
+    print(f"single-object adherence: {np.mean(hits):.2f}")
+    assert np.mean(hits) >= 0.85
+
+
+def test_quality_benchmark_smoke_run(tmp_path):
+    command = [
+        sys.executable,
+        str(REPO / "benchmarks" / "quality.py"),
+        "--method",
+        "dense",
+        "--groups",
+        "single",
+        "--prompts-per-group",
+        "2",
+        "--images-per-prompt",
+        "1",
+        "--scales",
+        "1",
+        "--steps",
+        "2",
+        "--threads",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert "adherence" in completed.stdout
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert len(result["images"]) == 2
+    entry = result["summary"]["1x"]["all"]
+    assert set(entry) >= {"images", "unpatched", "dense", "fidelity"}
+    # "dense" is exact: the patched images equal the unpatched ones.
+    assert entry["fidelity"]["ssim"] == pytest.approx(1.0)
+    assert (tmp_path / "grid.png").stat().st_size > 0 and (tmp_path / "quality.png").stat().st_size > 0

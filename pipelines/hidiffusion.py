@@ -1,0 +1,200 @@
+"""HiDiffusion's UNet side: which layers get MSW-MSA, and RAU-Net as diffusers hooks (no block forward is copied).
+
+RAU-Net keeps the deep UNet blocks near their training resolution during the early, layout-deciding part of the
+schedule: a stride-2 down-sampling convolution runs with stride 4 and dilation 2 (same weights; "conv RAD"), or a
+cross-attention down block average-pools after its first layer pair and its mirrored up block resizes back
+(bicubic) before the layer pair that meets a full-size skip ("pool RAD"). The up path meets the skips again because
+every up block is told its target size, which is what diffusers does itself for latents not divisible by the UNet's
+total down-sampling.
+
+Stages and switch points (fractions of the schedule, read from the step hook, never from call counts):
+
+| UNet shape | stage 1 (switch ``raunet_switch``) | stage 2 (switch ``raunet_deep_switch``) | MSW-MSA level |
+|---|---|---|---|
+| SD 1.x / 2.x: 4 levels, attention from the top | conv RAD, level 0 down-sampler | pool RAD in level 1 | level 0 |
+| SDXL: 3 levels, no attention at the top | pool RAD in level 1 | conv RAD, level 1 down-sampler | level 1 |
+
+Default switches by how far the latent exceeds the UNet's training size (``sample_size``): up to 1x, RAU-Net stays
+off; below 4x, stage 1 until 0.4 of the schedule; from 4x, stage 1 until 0.7 and stage 2 until 0.3 (HiDiffusion's
+per-resolution table).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import ModelHook
+
+from accel.processors.state import PatchContext
+
+
+@dataclass(frozen=True)
+class UNetShape:
+    kind: str  # "sd" or "sdxl"
+    levels: int
+    window_level: int
+    conv_rad_stage: dict[int, int]  # stage -> down block whose down-sampler conv is strided
+    pool_rad_stage: dict[int, int]  # stage -> down block that pools (its mirror resizes back)
+
+    def up_index(self, down_index: int) -> int:
+        return self.levels - 1 - down_index
+
+
+def unet_shape(unet) -> UNetShape:
+    types = tuple(unet.config.down_block_types)
+    attention = ["CrossAttn" in t for t in types]
+    if len(types) == 4 and attention[:3] == [True] * 3:
+        return UNetShape("sd", 4, window_level=0, conv_rad_stage={1: 0}, pool_rad_stage={2: 1})
+    if len(types) == 3 and not attention[0] and all(attention[1:]):
+        return UNetShape("sdxl", 3, window_level=1, conv_rad_stage={2: 1}, pool_rad_stage={1: 1})
+    raise ValueError(
+        f"HiDiffusion supports SD 1.x/2.x-shaped UNets (4 levels, attention from the top) and SDXL-shaped ones "
+        f"(3 levels, none at the top); this UNet has down blocks {types}. Use raunet=False, mswmsa=False on it."
+    )
+
+
+def default_switches(scale: float) -> tuple[float, float]:
+    """(stage 1, stage 2) switch fractions for a latent ``scale`` times the training size."""
+    if scale <= 1.0:
+        return 0.0, 0.0
+    if scale < 4.0:
+        return 0.4, 0.0
+    return 0.7, 0.3
+
+
+class RAUNetState:
+    """Per-call state shared by the RAU-Net hooks of one patch."""
+
+    def __init__(self, context: PatchContext, training_size: int, switches: tuple[float | None, float | None]):
+        self.context = context
+        self.training_size = training_size
+        self.switches = switches
+        self.skip_sizes: list[torch.Size] = []
+        self.pooled_from: dict[int, torch.Size] = {}
+
+    def active(self, stage: int) -> bool:
+        step, layout = self.context.step, self.context.layout
+        if step is None or layout is None:
+            return False
+        configured = self.switches[stage - 1]
+        if configured is None:
+            configured = default_switches(max(layout.grid) / self.training_size)[stage - 1]
+        return step.progress < configured
+
+
+class _SkipSizes(ModelHook):
+    """On ``conv_in`` (starts a forward) and on each down block: the sizes of the skips the up path will meet."""
+
+    def __init__(self, state: RAUNetState, starts_forward: bool):
+        super().__init__()
+        self.state = state
+        self.starts_forward = starts_forward
+
+    def post_forward(self, module, output):
+        if self.starts_forward:
+            self.state.skip_sizes = [output.shape[-2:]]
+            self.state.pooled_from.clear()
+        else:
+            self.state.skip_sizes.extend(skip.shape[-2:] for skip in output[1])
+        return output
+
+
+class _UpsampleSize(ModelHook):
+    """On an up block: up-sample to the size of the skip the next up block meets first."""
+
+    def __init__(self, state: RAUNetState, consumed_through: int):
+        super().__init__()
+        self.state = state
+        self.consumed_through = consumed_through
+
+    def pre_forward(self, module, *args, **kwargs):
+        remaining = len(self.state.skip_sizes) - self.consumed_through
+        if remaining > 0:
+            kwargs["upsample_size"] = tuple(self.state.skip_sizes[remaining - 1])
+        return args, kwargs
+
+
+class _StridedConv(ModelHook):
+    """Conv RAD: the stride-2 down-sampling conv runs with stride 4 and dilation 2 while its stage is active."""
+
+    def __init__(self, state: RAUNetState, stage: int):
+        super().__init__()
+        self.state = state
+        self.stage = stage
+
+    def new_forward(self, module, hidden_states):
+        if not self.state.active(self.stage):
+            return self.fn_ref.original_forward(hidden_states)
+        stride = tuple(2 * s for s in module.stride)
+        padding = tuple(2 * p for p in module.padding)
+        return F.conv2d(hidden_states, module.weight, module.bias, stride=stride, padding=padding, dilation=2)
+
+
+class _PoolAfter(ModelHook):
+    """Pool RAD, down side: average-pool the output of a block's first attention layer (ceil mode)."""
+
+    def __init__(self, state: RAUNetState, stage: int, down_index: int):
+        super().__init__()
+        self.state = state
+        self.stage = stage
+        self.down_index = down_index
+
+    def post_forward(self, module, output):
+        if not self.state.active(self.stage):
+            return output
+        sample = output[0]
+        self.state.pooled_from[self.down_index] = sample.shape[-2:]
+        return _replace_sample(output, F.avg_pool2d(sample, kernel_size=2, ceil_mode=True))
+
+
+class _ResizeBack(ModelHook):
+    """Pool RAD, up side: resize (bicubic) to the pre-pool size before the layer pair that meets a full-size skip."""
+
+    def __init__(self, state: RAUNetState, down_index: int):
+        super().__init__()
+        self.state = state
+        self.down_index = down_index
+
+    def post_forward(self, module, output):
+        size = self.state.pooled_from.get(self.down_index)
+        if size is None:
+            return output
+        sample = output[0]
+        return _replace_sample(output, F.interpolate(sample, size=tuple(size), mode="bicubic", align_corners=False))
+
+
+def _replace_sample(output, sample):
+    if isinstance(output, tuple):
+        return (sample, *output[1:])
+    output.sample = sample
+    return output
+
+
+def raunet_hooks(unet, state: RAUNetState) -> list[tuple[torch.nn.Module, ModelHook, str]]:
+    """``(module, hook, name)`` triples that implement RAU-Net on ``unet``."""
+    shape = unet_shape(unet)
+    hooks: list[tuple[torch.nn.Module, ModelHook, str]] = [(unet.conv_in, _SkipSizes(state, True), "accel_raunet")]
+    for block in unet.down_blocks:
+        hooks.append((block, _SkipSizes(state, False), "accel_raunet"))
+    consumed = 0
+    for block in unet.up_blocks:
+        consumed += len(block.resnets)
+        if getattr(block, "upsamplers", None):
+            hooks.append((block, _UpsampleSize(state, consumed), "accel_raunet"))
+    for stage, index in shape.conv_rad_stage.items():
+        conv = unet.down_blocks[index].downsamplers[0].conv
+        hooks.append((conv, _StridedConv(state, stage), "accel_raunet"))
+    for stage, index in shape.pool_rad_stage.items():
+        down, up = unet.down_blocks[index], unet.up_blocks[shape.up_index(index)]
+        hooks.append((down.attentions[0], _PoolAfter(state, stage, index), "accel_raunet"))
+        hooks.append((up.attentions[len(up.attentions) - 2], _ResizeBack(state, index), "accel_raunet"))
+    return hooks
+
+
+def window_layer_names(unet) -> set[str]:
+    """Module names of the self-attention layers that MSW-MSA windows (the top attention level, down and up)."""
+    shape = unet_shape(unet)
+    prefixes = (f"down_blocks.{shape.window_level}.", f"up_blocks.{shape.up_index(shape.window_level)}.")
+    return {name for name, _ in unet.named_modules() if name.startswith(prefixes) and name.endswith(".attn1")}

@@ -1,0 +1,85 @@
+"""HiDiffusion's MSW-MSA as an attention processor: large shifted windows in a UNet's top self-attention layers."""
+
+from __future__ import annotations
+
+import hashlib
+
+from diffusers.utils import logging
+
+from accel.kernels.windows import shifted_window_attention
+from accel.processors.dense import AttentionCall, DenseAttnProcessor
+from accel.processors.state import PatchContext
+
+logger = logging.get_logger(__name__)
+
+SHIFT_MODES = ("random", "none")
+
+
+class MSWMSAAttnProcessor(DenseAttnProcessor):
+    """Self-attention within ``windows`` windows of the level's token grid, cyclically shifted at every step.
+
+    The shift of each call is one of ``{0, 1/4, 1/2, 3/4}`` of the window per axis, as in HiDiffusion, but drawn from
+    a hash of ``(shift_seed, step index, layer index)`` instead of the global RNG: the same seed and prompt give the
+    same image, repeated generations agree, and the rest of the program's random stream is untouched.
+    """
+
+    def __init__(
+        self,
+        context: PatchContext,
+        layer: str,
+        layer_index: int,
+        windows: tuple[int, int],
+        window_size: tuple[int, int] | None = None,
+        shift: str = "random",
+        shift_seed: int = 0,
+    ):
+        super().__init__(context=context, layer=layer)
+        self.layer_index = layer_index
+        self.windows = windows
+        self.window_size = window_size
+        self.shift = shift
+        self.shift_seed = shift_seed
+        self._warned_grids: set[tuple[int, int]] = set()
+
+    def attend(self, query, key, value, attention_mask, call: AttentionCall):
+        if call.kind != "self" or attention_mask is not None:
+            return super().attend(query, key, value, attention_mask, call)
+        grid = self.context.layout.level_grid(call.visual_tokens)
+        windows = self._fitting_windows(grid)
+        if windows == (1, 1):
+            return super().attend(query, key, value, attention_mask, call)
+        return shifted_window_attention(query, key, value, grid, windows, self._shift(grid, windows))
+
+    def _fitting_windows(self, grid: tuple[int, int]) -> tuple[int, int]:
+        if self.window_size is not None:
+            if any(size > side for size, side in zip(self.window_size, grid, strict=True)):
+                raise ValueError(
+                    f"hidiffusion: window_size={self.window_size} is larger than the {grid[0]}x{grid[1]} token grid "
+                    f"of {self.layer}; use a window_size of at most {grid}, or windows=2 to adapt to any size"
+                )
+            return tuple(-(-side // size) for side, size in zip(grid, self.window_size, strict=True))
+        fitted = tuple(min(count, side) for count, side in zip(self.windows, grid, strict=True))
+        if fitted != self.windows and grid not in self._warned_grids:
+            self._warned_grids.add(grid)
+            logger.warning(
+                f"{self.layer}: a {grid[0]}x{grid[1]} token grid cannot hold {self.windows[0]}x{self.windows[1]} "
+                f"windows; using {fitted[0]}x{fitted[1]} ({'dense attention' if fitted == (1, 1) else 'fewer'})"
+            )
+        return fitted
+
+    def _shift(self, grid: tuple[int, int], windows: tuple[int, int]) -> tuple[int, int]:
+        if self.shift == "none":
+            return (0, 0)
+        step = self.context.step
+        if step is None:
+            position = -1
+        elif step.step_index is not None:
+            position = step.step_index
+        else:
+            position = round(step.timestep)
+        # A mixing hash: CRC32 is linear, so changing the seed XORs every draw with one constant and can leave all
+        # the quarters unchanged.
+        digest = hashlib.blake2b(f"{self.shift_seed}/{position}/{self.layer_index}".encode(), digest_size=8).digest()
+        quarter = digest[0] % 4
+        sizes = [-(-side // count) for side, count in zip(grid, windows, strict=True)]
+        return tuple(size * quarter // 4 for size in sizes)

@@ -1,0 +1,175 @@
+"""HiDiffusion: window kernel vs reference, exact mode, RAU-Net schedule and sizes, odd sizes, errors, unpatch."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import model_fingerprint
+
+import accel
+from accel.kernels.windows import shifted_window_attention, shifted_window_attention_reference
+
+
+@pytest.mark.parametrize(
+    ("grid", "windows", "shift"),
+    [
+        ((8, 8), (2, 2), (0, 0)),
+        ((8, 8), (2, 2), (2, 1)),
+        ((7, 5), (2, 2), (3, 1)),
+        ((9, 12), (3, 2), (1, 5)),
+        ((5, 5), (1, 1), (2, 2)),
+        ((1, 6), (1, 2), (0, 3)),
+    ],
+)
+def test_window_kernel_matches_masked_reference(grid, windows, shift):
+    q, k, v = (torch.randn(2, grid[0] * grid[1], 3, 16) for _ in range(3))
+    ours = shifted_window_attention(q, k, v, grid, windows, shift)
+    reference = shifted_window_attention_reference(q, k, v, grid, windows, shift)
+    assert (ours - reference).abs().max() <= 1e-5
+
+
+def test_window_kernel_refuses_windows_that_do_not_fit():
+    q = torch.randn(1, 6, 1, 8)
+    with pytest.raises(ValueError, match="do not fit"):
+        shifted_window_attention(q, q, q, (2, 3), (3, 3))
+
+
+def generate(pipe, size, steps=3, seed=0, **kwargs):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        "a red circle",
+        height=size[0],
+        width=size[1],
+        num_inference_steps=steps,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    ).images
+
+
+@pytest.fixture
+def sd(tiny_pipelines):
+    pipe = tiny_pipelines["sd15-tiny"]
+    yield pipe
+    accel.unpatch(pipe)
+
+
+def test_exact_mode_equals_dense_and_unpatch_restores(sd):
+    reference = generate(sd, (256, 256))
+    before = model_fingerprint(sd.unet)
+    handle = accel.patch(sd, "hidiffusion", raunet=False, windows=1)
+    assert handle.layers
+    assert np.abs(generate(sd, (256, 256)) - reference).max() <= 1e-5
+    accel.patch(sd, "hidiffusion")  # the full method, with RAU-Net hooks on submodules
+    changed = generate(sd, (256, 256))
+    assert np.abs(changed - reference).max() > 1e-3
+    accel.unpatch(sd)
+    assert model_fingerprint(sd.unet) == before
+    assert np.array_equal(generate(sd, (256, 256)), reference)
+
+
+def deep_block_sizes(pipe, index, size, steps, **config):
+    sizes = []
+    handle = pipe.unet.down_blocks[index].register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append(tuple(kwargs["hidden_states"].shape[-2:])), with_kwargs=True
+    )
+    try:
+        with accel.patched(pipe, "hidiffusion", **config):
+            generate(pipe, size, steps=steps, guidance_scale=7.5)
+    finally:
+        handle.remove()
+    return sizes
+
+
+def test_raunet_runs_deep_blocks_small_only_early_in_the_schedule(sd):
+    # sd15-tiny trains at a 16x16 latent; 256 px gives 32x32, twice that: stage 1 until 0.4 of the schedule.
+    sizes = deep_block_sizes(sd, 1, (256, 256), steps=5)
+    assert sizes == [(8, 8)] * 2 + [(16, 16)] * 3
+    # At the training size RAU-Net stays off unless a switch is given.
+    assert deep_block_sizes(sd, 1, (128, 128), steps=2) == [(8, 8)] * 2
+    assert deep_block_sizes(sd, 1, (128, 128), steps=2, raunet_switch=1.0) == [(4, 4)] * 2
+
+
+def test_raunet_follows_the_schedule_under_img2img(sd):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    img2img = StableDiffusionImg2ImgPipeline(**sd.components)
+    img2img.set_progress_bar_config(disable=True)
+    sizes = []
+    hook = sd.unet.down_blocks[1].register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append(tuple(kwargs["hidden_states"].shape[-2:])), with_kwargs=True
+    )
+    try:
+        with accel.patched(sd, "hidiffusion"):
+            img2img(
+                "a red circle",
+                image=torch.rand(1, 3, 256, 256),
+                strength=0.8,
+                num_inference_steps=5,
+                generator=torch.Generator().manual_seed(0),
+                output_type="np",
+            )
+    finally:
+        hook.remove()
+    # strength 0.8 of 5 steps starts at step 1 (progress 0.2): one RAU-Net step, then three full-size ones.
+    assert sizes == [(8, 8)] + [(16, 16)] * 3
+
+
+def test_sdxl_shaped_unet_pools_in_level_one(tiny_pipelines):
+    pipe = tiny_pipelines["sdxl-tiny"]
+    sizes = []
+    hook = (
+        pipe.unet.down_blocks[1]
+        .resnets[1]
+        .register_forward_pre_hook(lambda module, args: sizes.append(tuple(args[0].shape[-2:])))
+    )
+    try:
+        with accel.patched(pipe, "hidiffusion"):
+            out = generate(pipe, (256, 256), steps=5)
+    finally:
+        hook.remove()
+        accel.unpatch(pipe)
+    assert np.isfinite(out).all()
+    assert sizes == [(8, 8)] * 2 + [(16, 16)] * 3
+
+
+@pytest.mark.parametrize("size", [(1000, 1200), (1032, 776)])
+def test_odd_sizes_run(sd, size):
+    with accel.patched(sd, "hidiffusion"):
+        out = generate(sd, size, steps=1, guidance_scale=1.0)
+    assert out.shape == (1, *size, 3) and np.isfinite(out).all()
+
+
+def test_shifts_are_reproducible_and_leave_the_global_rng_alone(sd):
+    accel.patch(sd, "hidiffusion")
+    state = torch.random.get_rng_state()
+    first = generate(sd, (256, 256))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert np.array_equal(generate(sd, (256, 256)), first)
+    accel.patch(sd, "hidiffusion", shift_seed=1)
+    assert not np.array_equal(generate(sd, (256, 256)), first)
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"raunet_switch": -0.1}, "in [0, 1]"),
+        ({"raunet_deep_switch": 2}, "in [0, 1]"),
+        ({"windows": 0}, "positive int"),
+        ({"raunet": False, "mswmsa": False}, "would do nothing"),
+        ({"shift": "sometimes"}, "'random' or 'none'"),
+        ({"mswmsa": False, "layers": ".*"}, "no effect"),
+    ],
+)
+def test_bad_configs_are_refused(sd, options, words):
+    with pytest.raises(accel.InvalidOptionError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        accel.patch(sd, "hidiffusion", **options)
+
+
+def test_window_larger_than_the_latent_is_a_clear_error(sd):
+    with accel.patched(sd, "hidiffusion", window_size=64), pytest.raises(ValueError, match="larger than the"):
+        generate(sd, (128, 128), steps=1)
+
+
+def test_other_families_are_refused(tiny_pipelines):
+    with pytest.raises(accel.UnsupportedModelError, match="supports unet models"):
+        accel.patch(tiny_pipelines["flux-tiny"], "hidiffusion")

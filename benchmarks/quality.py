@@ -119,6 +119,7 @@ def evaluate(args) -> dict:
                         "adherent": result.adherent,
                         "colour_adherent": result.colour_adherent,
                         "duplicates": result.duplicates,
+                        "colour_duplicates": result.colour_duplicates,
                         "found": [f"{d.colour} {d.shape}" for d in result.detections],
                         "seconds_per_image": seconds[side] / len(seeds),
                     }
@@ -170,6 +171,7 @@ def summarise(records: list[dict], sides: list[str]) -> dict:
                     "colour_adherence": float(np.mean([r[side]["colour_adherent"] for r in chosen])),
                     "duplication_rate": float(np.mean([r[side]["duplicates"] > 0 for r in chosen])),
                     "mean_duplicates": float(np.mean([r[side]["duplicates"] for r in chosen])),
+                    "colour_duplication_rate": float(np.mean([r[side]["colour_duplicates"] > 0 for r in chosen])),
                     "seconds_per_image": float(np.mean([r[side]["seconds_per_image"] for r in chosen])),
                 }
             if "fidelity" in chosen[0]:
@@ -183,7 +185,13 @@ def summarise(records: list[dict], sides: list[str]) -> dict:
 def _print_summary(summary: dict, sides: list[str], result: dict) -> None:
     header = ["scale", "prompts", "images"]
     for side in sides:
-        header += [f"{side} adherence", f"{side} dup rate", f"{side} s/img"]
+        header += [
+            f"{side} adherence",
+            f"{side} colour adh.",
+            f"{side} dup rate",
+            f"{side} colour dup",
+            f"{side} s/img",
+        ]
     if len(sides) == 2:
         header += ["PSNR dB", "SSIM", "SQNR dB"]
     rows = []
@@ -192,7 +200,13 @@ def _print_summary(summary: dict, sides: list[str], result: dict) -> None:
             row = [scale, group, str(entry["images"])]
             for side in sides:
                 s = entry[side]
-                row += [f"{s['adherence']:.2f}", f"{s['duplication_rate']:.2f}", f"{s['seconds_per_image']:.2f}"]
+                row += [
+                    f"{s['adherence']:.2f}",
+                    f"{s['colour_adherence']:.2f}",
+                    f"{s['duplication_rate']:.2f}",
+                    f"{s['colour_duplication_rate']:.2f}",
+                    f"{s['seconds_per_image']:.2f}",
+                ]
             if "fidelity" in entry:
                 f = entry["fidelity"]
                 row += [f"{f['psnr_db']:.1f}", f"{f['ssim']:.3f}", f"{f['sqnr_db']:.1f}"]
@@ -228,16 +242,20 @@ def _plot(summary: dict, sides: list[str], result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     scales = list(summary)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for side in sides:
-        axes[0].plot(scales, [summary[s]["all"][side]["adherence"] for s in scales], marker="o", label=side)
-        axes[1].plot(scales, [summary[s]["all"][side]["duplication_rate"] for s in scales], marker="o", label=side)
+        for key, style in (("adherence", "-"), ("colour_adherence", "--")):
+            values = [summary[s]["all"][side][key] for s in scales]
+            axes[0].plot(scales, values, style, marker="o", label=f"{side}: {key.replace('_', ' ')}")
+        for key, style in (("duplication_rate", "-"), ("colour_duplication_rate", "--")):
+            values = [summary[s]["all"][side][key] for s in scales]
+            axes[1].plot(scales, values, style, marker="o", label=f"{side}: {key.replace('_', ' ')}")
     axes[0].set_title("prompt adherence (all prompts)")
-    axes[1].set_title("duplication rate (images with extra copies)")
+    axes[1].set_title("duplication (share of images with extra copies)")
     for ax in axes:
         ax.set_xlabel(f"resolution (x {shapes.BASE_RESOLUTION} px)")
         ax.set_ylim(0, 1.05)
-        ax.legend()
+        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.suptitle(
         f"{result['model']} on {result['device']}, {result['dtype']}, {result['steps']} steps, "

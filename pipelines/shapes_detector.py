@@ -169,12 +169,15 @@ class SceneScore:
         adherent: every requested object is found with the right colour and shape (at least as many as asked).
         colour_adherent: every requested colour is found at least as many times as asked, whatever the shape.
         duplicates: copies of requested (colour, shape) objects beyond the number asked.
+        colour_duplicates: objects of a requested colour beyond the number asked, whatever their shape (robust to
+            shape mistakes, so it still measures duplication when a model's shapes are unreliable).
         detections: everything found.
     """
 
     adherent: bool
     colour_adherent: bool
     duplicates: int
+    colour_duplicates: int
     detections: tuple[Detection, ...]
 
 
@@ -193,6 +196,7 @@ def score(image: np.ndarray, scene: Scene) -> SceneScore:
         adherent=all(found.get(key, 0) >= count for key, count in requested.items()),
         colour_adherent=all(found_colours.get(c, 0) >= n for c, n in requested_colours.items()),
         duplicates=sum(max(0, found.get(key, 0) - count) for key, count in requested.items()),
+        colour_duplicates=sum(max(0, found_colours.get(c, 0) - n) for c, n in requested_colours.items()),
         detections=detections,
     )
 

@@ -70,7 +70,8 @@ def _run_methods(args) -> int:
     return 0
 
 
-def _parse_options(pairs: list[str]) -> dict[str, Any]:
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs to method options; values are JSON where they parse, text otherwise."""
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -92,7 +93,7 @@ def _run_compare(args) -> int:
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    options = _parse_options(args.option)
+    options = parse_options(args.option)
     # Validate the method before spending time on loading and generating.
     accel.registry.method_info(args.method).config_class.from_options(**options)
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import accel
 from accel import metrics
+from accel.cli import parse_options
 from accel.pipelines import shapes, shapes_detector
 
 COLOUR_NAMES = list(shapes.COLOURS)
@@ -90,7 +91,7 @@ def evaluate(args) -> dict:
     torch.set_num_threads(args.threads)
     pipe = accel.load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
-    options = _parse_options(args.option)
+    options = parse_options(args.option)
     prompts = [(group, p) for group in args.groups for p in PROMPTS[group][: args.prompts_per_group]]
     seeds = [args.seed + k for k in range(args.images_per_prompt)]
     sides = ["unpatched"] if args.method == "none" else ["unpatched", args.method]
@@ -275,17 +276,6 @@ def _device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"cpu {platform.machine()} ({os.cpu_count()} cores)"
-
-
-def _parse_options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
 
 
 def main(argv: list[str] | None = None) -> int:

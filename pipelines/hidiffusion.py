@@ -73,6 +73,7 @@ class RAUNetState:
         self.switches = switches
         self.skip_sizes: list[torch.Size] = []
         self.pooled_from: dict[int, torch.Size] = {}
+        self.external_residuals = False
 
     def active(self, stage: int) -> bool:
         step, layout = self.context.step, self.context.layout
@@ -94,11 +95,35 @@ class _SkipSizes(ModelHook):
 
     def post_forward(self, module, output):
         if self.starts_forward:
+            if self.state.external_residuals and (self.state.active(1) or self.state.active(2)):
+                raise ValueError(
+                    "hidiffusion: RAU-Net shrinks the UNet's skip connections, but this call adds ControlNet / "
+                    "T2I-Adapter residuals sized for the full latent, which accel does not resize yet; patch with "
+                    "raunet=False (MSW-MSA alone works with them)"
+                )
             self.state.skip_sizes = [output.shape[-2:]]
             self.state.pooled_from.clear()
         else:
             self.state.skip_sizes.extend(skip.shape[-2:] for skip in output[1])
         return output
+
+
+class _ResidualGuard(ModelHook):
+    """On the UNet: note whether this call brings ControlNet / adapter residuals (checked once the step is known)."""
+
+    _RESIDUALS = (
+        "down_block_additional_residuals",
+        "mid_block_additional_residual",
+        "down_intrablock_additional_residuals",
+    )
+
+    def __init__(self, state: RAUNetState):
+        super().__init__()
+        self.state = state
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.state.external_residuals = any(kwargs.get(name) is not None for name in self._RESIDUALS)
+        return args, kwargs
 
 
 class _UpsampleSize(ModelHook):
@@ -175,7 +200,10 @@ def _replace_sample(output, sample):
 def raunet_hooks(unet, state: RAUNetState) -> list[tuple[torch.nn.Module, ModelHook, str]]:
     """``(module, hook, name)`` triples that implement RAU-Net on ``unet``."""
     shape = unet_shape(unet)
-    hooks: list[tuple[torch.nn.Module, ModelHook, str]] = [(unet.conv_in, _SkipSizes(state, True), "accel_raunet")]
+    hooks: list[tuple[torch.nn.Module, ModelHook, str]] = [
+        (unet, _ResidualGuard(state), "accel_raunet"),
+        (unet.conv_in, _SkipSizes(state, True), "accel_raunet"),
+    ]
     for block in unet.down_blocks:
         hooks.append((block, _SkipSizes(state, False), "accel_raunet"))
     consumed = 0

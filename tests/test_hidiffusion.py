@@ -173,3 +173,29 @@ def test_window_larger_than_the_latent_is_a_clear_error(sd):
 def test_other_families_are_refused(tiny_pipelines):
     with pytest.raises(accel.UnsupportedModelError, match="supports unet models"):
         accel.patch(tiny_pipelines["flux-tiny"], "hidiffusion")
+
+
+def test_controlnet_residuals_with_raunet_are_a_clear_error(sd):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(sd.unet).eval()
+    pipe = StableDiffusionControlNetPipeline(**sd.components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    control = torch.rand(1, 3, 256, 256)
+
+    def run():
+        return pipe(
+            "a red circle",
+            image=control,
+            height=256,
+            width=256,
+            num_inference_steps=2,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images
+
+    with accel.patched(pipe, "hidiffusion"), pytest.raises(ValueError, match="raunet=False"):
+        run()
+    with accel.patched(pipe, "hidiffusion", raunet=False):
+        assert np.isfinite(run()).all()

@@ -8,6 +8,7 @@ at the end, and the padded keys are masked out, so any grid size works. No diffu
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -60,10 +61,7 @@ def shifted_window_attention(
 
     mask = None
     if pad_h or pad_w:
-        valid = torch.ones(1, height, width, 1, 1, dtype=torch.bool, device=query.device)
-        # Padding sits at the end of each axis after the roll, so only the last windows hold padded keys.
-        valid = partition_mask(valid, windows, (window_h, window_w), (pad_h, pad_w))
-        mask = valid.repeat(batch, 1)[:, None, None, :]
+        mask = _padding_mask(grid, windows, query.device).repeat(batch, 1)[:, None, None, :]
 
     out = F.scaled_dot_product_attention(
         partition(query).transpose(1, 2),
@@ -80,11 +78,17 @@ def shifted_window_attention(
     return out.reshape(batch, tokens, heads, -1)
 
 
-def partition_mask(valid: torch.Tensor, windows, window_size, padding) -> torch.Tensor:
-    """``[count, window_h * window_w]`` booleans: which positions of each window are real tokens."""
-    valid = F.pad(valid.float(), (0, 0, 0, 0, 0, padding[1], 0, padding[0])) > 0
-    valid = valid.reshape(windows[0], window_size[0], windows[1], window_size[1])
-    return valid.permute(0, 2, 1, 3).reshape(windows[0] * windows[1], window_size[0] * window_size[1])
+@functools.lru_cache(maxsize=64)
+def _padding_mask(grid: tuple[int, int], windows: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``[count, window_h * window_w]`` booleans, True where a window position holds a real token.
+
+    It depends only on the geometry, so it is built once per (grid, windows, device), not per layer and step.
+    Padding sits at the end of each axis after the roll, so only the last windows hold padded positions.
+    """
+    (window_h, window_w), (pad_h, pad_w) = window_geometry(grid, windows)
+    valid = F.pad(torch.ones(grid, device=device), (0, pad_w, 0, pad_h)) > 0
+    valid = valid.reshape(windows[0], window_h, windows[1], window_w)
+    return valid.permute(0, 2, 1, 3).reshape(windows[0] * windows[1], window_h * window_w)
 
 
 def shifted_window_attention_reference(query, key, value, grid, windows, shift=(0, 0)) -> torch.Tensor:

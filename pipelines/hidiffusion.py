@@ -74,41 +74,55 @@ class RAUNetState:
         self.skip_sizes: list[torch.Size] = []
         self.pooled_from: dict[int, torch.Size] = {}
         self.external_residuals = False
+        self.stages: tuple[bool, bool] = (False, False)
 
-    def active(self, stage: int) -> bool:
+    def begin_forward(self) -> None:
+        """Decide once per denoiser call which stages run (``conv_in`` calls this before any other RAU-Net hook)."""
+        self.skip_sizes = []
+        self.pooled_from.clear()
         step, layout = self.context.step, self.context.layout
         if step is None or layout is None:
-            return False
-        configured = self.switches[stage - 1]
-        if configured is None:
-            configured = default_switches(max(layout.grid) / self.training_size)[stage - 1]
-        return step.progress < configured
+            self.stages = (False, False)
+            return
+        defaults = default_switches(max(layout.grid) / self.training_size)
+        switches = [d if c is None else c for c, d in zip(self.switches, defaults, strict=True)]
+        self.stages = tuple(step.progress < switch for switch in switches)
+
+    def active(self, stage: int) -> bool:
+        return self.stages[stage - 1]
 
 
-class _SkipSizes(ModelHook):
+class _RAUNetHook(ModelHook):
+    """A hook reading the patch's shared `RAUNetState`."""
+
+    def __init__(self, state: RAUNetState):
+        super().__init__()
+        self.state = state
+
+
+class _SkipSizes(_RAUNetHook):
     """On ``conv_in`` (starts a forward) and on each down block: the sizes of the skips the up path will meet."""
 
     def __init__(self, state: RAUNetState, starts_forward: bool):
-        super().__init__()
-        self.state = state
+        super().__init__(state)
         self.starts_forward = starts_forward
 
     def post_forward(self, module, output):
         if self.starts_forward:
+            self.state.begin_forward()
             if self.state.external_residuals and (self.state.active(1) or self.state.active(2)):
                 raise ValueError(
                     "hidiffusion: RAU-Net shrinks the UNet's skip connections, but this call adds ControlNet / "
                     "T2I-Adapter residuals sized for the full latent, which accel does not resize yet; patch with "
                     "raunet=False (MSW-MSA alone works with them)"
                 )
-            self.state.skip_sizes = [output.shape[-2:]]
-            self.state.pooled_from.clear()
+            self.state.skip_sizes.append(output.shape[-2:])
         else:
             self.state.skip_sizes.extend(skip.shape[-2:] for skip in output[1])
         return output
 
 
-class _ResidualGuard(ModelHook):
+class _ResidualGuard(_RAUNetHook):
     """On the UNet: note whether this call brings ControlNet / adapter residuals (checked once the step is known)."""
 
     _RESIDUALS = (
@@ -117,21 +131,16 @@ class _ResidualGuard(ModelHook):
         "down_intrablock_additional_residuals",
     )
 
-    def __init__(self, state: RAUNetState):
-        super().__init__()
-        self.state = state
-
     def pre_forward(self, module, *args, **kwargs):
         self.state.external_residuals = any(kwargs.get(name) is not None for name in self._RESIDUALS)
         return args, kwargs
 
 
-class _UpsampleSize(ModelHook):
+class _UpsampleSize(_RAUNetHook):
     """On an up block: up-sample to the size of the skip the next up block meets first."""
 
     def __init__(self, state: RAUNetState, consumed_through: int):
-        super().__init__()
-        self.state = state
+        super().__init__(state)
         self.consumed_through = consumed_through
 
     def pre_forward(self, module, *args, **kwargs):
@@ -141,12 +150,11 @@ class _UpsampleSize(ModelHook):
         return args, kwargs
 
 
-class _StridedConv(ModelHook):
+class _StridedConv(_RAUNetHook):
     """Conv RAD: the stride-2 down-sampling conv runs with stride 4 and dilation 2 while its stage is active."""
 
     def __init__(self, state: RAUNetState, stage: int):
-        super().__init__()
-        self.state = state
+        super().__init__(state)
         self.stage = stage
 
     def new_forward(self, module, hidden_states):
@@ -157,12 +165,11 @@ class _StridedConv(ModelHook):
         return F.conv2d(hidden_states, module.weight, module.bias, stride=stride, padding=padding, dilation=2)
 
 
-class _PoolAfter(ModelHook):
+class _PoolAfter(_RAUNetHook):
     """Pool RAD, down side: average-pool the output of a block's first attention layer (ceil mode)."""
 
     def __init__(self, state: RAUNetState, stage: int, down_index: int):
-        super().__init__()
-        self.state = state
+        super().__init__(state)
         self.stage = stage
         self.down_index = down_index
 
@@ -174,12 +181,11 @@ class _PoolAfter(ModelHook):
         return _replace_sample(output, F.avg_pool2d(sample, kernel_size=2, ceil_mode=True))
 
 
-class _ResizeBack(ModelHook):
+class _ResizeBack(_RAUNetHook):
     """Pool RAD, up side: resize (bicubic) to the pre-pool size before the layer pair that meets a full-size skip."""
 
     def __init__(self, state: RAUNetState, down_index: int):
-        super().__init__()
-        self.state = state
+        super().__init__(state)
         self.down_index = down_index
 
     def post_forward(self, module, output):

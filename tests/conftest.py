@@ -3,8 +3,14 @@ import os
 # No test may reach a model hub: the machine and CI are offline, and a stray download would hang, not fail.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Without a GPU the Triton kernels run under Triton's interpreter, on CPU tensors (slow: tests keep shapes small).
+# It must be set before any kernel is decorated, i.e. before accel.kernels.block_sparse is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 torch.set_num_threads(2)
 

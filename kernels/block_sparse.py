@@ -1,0 +1,342 @@
+"""Fused block-sparse attention forward in Triton: the engine GNA (and later VMoBA and window attention) runs on GPUs.
+
+One program computes one query tile of one (batch, head). Tiles are boxes of the token grid (``tile`` positions per
+axis), addressed in place: the kernel computes each token's row-major offset from its grid coordinates, so the
+``[B, S, H, D]`` tensors are never permuted into tile order. For each query tile the kernel walks a list of key tiles
+(built on the host from the neighborhood, per-axis, so no ``[S, S]`` mask ever exists), applies the fine-grained
+window mask from token coordinates only in key tiles that are partly inside the windows, then attends the dense
+extra keys (text tokens, with an optional padding mask) in the same launch, and writes the output and the
+log-sum-exp. Softmax is online, in fp32, base 2.
+
+Tests run it on CPU through Triton's interpreter (``TRITON_INTERPRET=1``) against
+``accel.kernels.neighborhood.neighborhood_attention_reference``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from accel.kernels.neighborhood import Neighborhood, axis_windows
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a Linux dependency; elsewhere the torch paths serve
+    triton = None
+
+
+def triton_usable(device: torch.device | str) -> bool:
+    """Whether the kernel can run on ``device``: a CUDA device, or any device under Triton's interpreter."""
+    if triton is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return torch.device(device).type == "cuda"
+
+
+def default_tile(grid: tuple[int, ...]) -> tuple[int, ...]:
+    """Power-of-two tile per axis, 128 tokens where the grid allows (NATTEN's H100 choices: (16, 8), (2, 8, 8))."""
+    preferred = {1: (128,), 2: (16, 8), 3: (2, 8, 8)}[len(grid)]
+    return tuple(min(size, _next_power_of_two(side)) for size, side in zip(preferred, grid, strict=True))
+
+
+def _next_power_of_two(value: int) -> int:
+    return 1 << max(0, (value - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class BlockSparsePlan:
+    """Host-side description of one GNA problem for the kernel.
+
+    Attributes:
+        grid, tile: 3-D (leading axes of size 1 added for 1-D / 2-D problems).
+        windows: ``int32 [3, 2, L_max]``: per axis, each position's window start and end in its dilation sub-grid.
+        dilation: per axis (3-D).
+        key_tiles: ``int32 [query_tiles, max_count]``: ``2 * key_tile + partial`` for each key tile a query tile
+            attends; ``partial`` says the fine mask is needed there.
+        key_tile_counts: ``int32 [query_tiles]``.
+        density: share of tile pairs visited (what the kernel computes, masks included).
+    """
+
+    grid: tuple[int, int, int]
+    tile: tuple[int, int, int]
+    windows: torch.Tensor
+    dilation: tuple[int, int, int]
+    key_tiles: torch.Tensor
+    key_tile_counts: torch.Tensor
+    density: float
+
+
+@functools.lru_cache(maxsize=64)
+def block_sparse_plan(neighborhood: Neighborhood, tile: tuple[int, ...], device: torch.device) -> BlockSparsePlan:
+    if len(tile) != len(neighborhood.grid) or any(t & (t - 1) for t in tile):
+        raise ValueError(f"tile {tile} must give one power of two per grid axis {neighborhood.grid}")
+    pad = 3 - len(neighborhood.grid)
+    grid = (1,) * pad + neighborhood.grid
+    tile3 = (1,) * pad + tuple(tile)
+    kernel = (1,) * pad + neighborhood.kernel_size
+    stride = (1,) * pad + neighborhood.stride
+    dilation = (1,) * pad + neighborhood.dilation
+    causal = (False,) * pad + neighborhood.is_causal
+
+    longest = max(grid)
+    windows = torch.zeros(3, 2, longest, dtype=torch.int32)
+    any_tiles, all_tiles = [], []
+    for axis in range(3):
+        side, size, dil = grid[axis], tile3[axis], dilation[axis]
+        allowed = torch.zeros(side, side, dtype=torch.bool)
+        for group in range(dil):
+            members = torch.arange(group, side, dil)
+            start, end = axis_windows(len(members), kernel[axis], stride[axis], causal[axis])
+            windows[axis, 0, members] = start.to(torch.int32)
+            windows[axis, 1, members] = end.to(torch.int32)
+            sub = torch.arange(len(members))
+            allowed[members[:, None], members[None, :]] = (sub[None, :] >= start[:, None]) & (
+                sub[None, :] < end[:, None]
+            )
+        count = math.ceil(side / size)
+        padded = torch.zeros(count * size, count * size, dtype=torch.bool)
+        padded[:side, :side] = allowed
+        real = torch.zeros(count * size, dtype=torch.bool)
+        real[:side] = True
+        blocks = padded.reshape(count, size, count, size)
+        any_tiles.append(blocks.any(dim=3).any(dim=1))
+        # Positions past the grid are masked by bounds in the kernel, so they do not make a tile partial.
+        ignore = ~(real[:, None] & real[None, :])
+        all_tiles.append((padded | ignore).reshape(count, size, count, size).all(dim=3).all(dim=1))
+
+    def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a[:, None, :, None] & b[None, :, None, :]).reshape(a.shape[0] * b.shape[0], -1)
+
+    visited = kron(kron(any_tiles[0], any_tiles[1]), any_tiles[2])
+    full = kron(kron(all_tiles[0], all_tiles[1]), all_tiles[2]) & visited
+    counts = visited.sum(dim=1).to(torch.int32)
+    order = torch.argsort((~visited).to(torch.int8), dim=1, stable=True)[:, : int(counts.max())]
+    entries = (2 * order + (~full).gather(1, order).to(torch.int64)).to(torch.int32)
+    return BlockSparsePlan(
+        grid=grid,
+        tile=tile3,
+        windows=windows.to(device),
+        dilation=dilation,
+        key_tiles=entries.contiguous().to(device),
+        key_tile_counts=counts.to(device),
+        density=float(visited.float().mean()),
+    )
+
+
+def block_sparse_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    neighborhood: Neighborhood,
+    extra_key: torch.Tensor | None = None,
+    extra_value: torch.Tensor | None = None,
+    extra_mask: torch.Tensor | None = None,
+    tile: tuple[int, ...] | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GNA on the Triton kernel.
+
+    Args:
+        query, key, value: ``[B, S, H, D]`` (fp16, bf16 or fp32; any strides, e.g. slices of a joint sequence).
+        neighborhood: the geometry; ``S`` must equal its token count.
+        extra_key, extra_value: ``[B, T, H, D]`` keys every query attends (text tokens), or ``None``.
+        extra_mask: ``[B, T]`` booleans, False for padded extra keys, or ``None``.
+        tile: power-of-two tile per axis (``default_tile`` by default).
+        scale: softmax scale, ``1 / sqrt(D)`` by default.
+
+    Returns:
+        ``(out [B, S, H, D], lse [B, H, S] fp32)``.
+    """
+    if triton is None:
+        raise RuntimeError("the block-sparse kernel needs triton (pip install triton); use the torch path instead")
+    batch, tokens, heads, dim = query.shape
+    if tokens != neighborhood.tokens:
+        raise ValueError(f"the grid {neighborhood.grid} holds {neighborhood.tokens} tokens, the sequence has {tokens}")
+    if key.shape != query.shape or value.shape != query.shape:
+        raise ValueError(f"query, key and value must share one shape, got {query.shape}, {key.shape}, {value.shape}")
+    plan = block_sparse_plan(neighborhood, tuple(tile or default_tile(neighborhood.grid)), query.device)
+    out = torch.empty_like(query)
+    lse = torch.empty(batch, heads, tokens, dtype=torch.float32, device=query.device)
+    has_text = extra_key is not None
+    if has_text:
+        text_key, text_value = extra_key, extra_value
+        text_mask = (
+            extra_mask.to(torch.int8).contiguous()
+            if extra_mask is not None
+            else torch.ones(1, 1, dtype=torch.int8, device=query.device)
+        )
+    else:
+        text_key, text_value, text_mask = query, value, torch.ones(1, 1, dtype=torch.int8, device=query.device)
+    text_tokens = text_key.shape[1] if has_text else 0
+    block_d = max(16, _next_power_of_two(dim))
+    query_tiles = plan.key_tiles.shape[0]
+    scale = dim**-0.5 if scale is None else scale
+    _gna_forward[(query_tiles, batch * heads)](
+        query, key, value, out, lse,
+        text_key, text_value, text_mask,
+        plan.windows, plan.key_tiles, plan.key_tile_counts,
+        *query.stride(), *key.stride(), *value.stride(), *out.stride(),
+        *text_key.stride(), *text_value.stride(), text_mask.stride(0),
+        heads, tokens, text_tokens, plan.key_tiles.shape[1], plan.windows.shape[-1], scale * 1.4426950408889634,
+        *plan.grid, *plan.dilation, dim,
+        T0=plan.tile[0], T1=plan.tile[1], T2=plan.tile[2],
+        BLOCK_D=block_d,
+        BLOCK_TEXT=64,
+        HAS_TEXT=has_text,
+        HAS_TEXT_MASK=has_text and extra_mask is not None,
+        IEEE=query.dtype == torch.float32,
+        # Triton's interpreter multiplies bf16 tiles as raw 16-bit integers; there, and only there, dots run in fp32.
+        UPCAST=query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        # Flash-attention's usual choice for 128 x 128 tiles; not yet tuned on a GPU (none was lent so far).
+        num_warps=8 if math.prod(plan.tile) * block_d >= 128 * 128 else 4,
+        num_stages=2,
+    )  # fmt: skip
+    return out, lse
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_coordinates(tile_index, G1, G2, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
+        tiles_1 = tl.cdiv(G1, T1)
+        tiles_2 = tl.cdiv(G2, T2)
+        offsets = tl.arange(0, T0 * T1 * T2)
+        c0 = (tile_index // (tiles_1 * tiles_2)) * T0 + offsets // (T1 * T2)
+        c1 = ((tile_index // tiles_2) % tiles_1) * T1 + (offsets // T2) % T1
+        c2 = (tile_index % tiles_2) * T2 + offsets % T2
+        return c0, c1, c2
+
+    @triton.jit
+    def _online_update(scores, allowed, m_i, l_i, acc, v, IEEE: tl.constexpr):
+        scores = tl.where(allowed, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        # A row that has seen no key yet keeps m = -inf; shift by 0 there so exp2 never sees (-inf) - (-inf).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _gna_forward(
+        Q, K, V, Out, Lse,
+        TK, TV, TMask,
+        Windows, KeyTiles, KeyTileCounts,
+        sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sob, sos, soh, sod,
+        stkb, stks, stkh, stkd, stvb, stvs, stvh, stvd, stmb,
+        heads, tokens, text_tokens, max_count, windows_len, scale_log2,
+        G0, G1, G2, D0, D1, D2, head_dim,
+        T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_TEXT: tl.constexpr,
+        HAS_TEXT: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ):  # fmt: skip
+        query_tile = tl.program_id(0)
+        batch_head = tl.program_id(1)
+        b = batch_head // heads
+        h = batch_head % heads
+
+        q0, q1, q2 = _tile_coordinates(query_tile, G1, G2, T0, T1, T2)
+        q_valid = (q0 < G0) & (q1 < G1) & (q2 < G2)
+        q_token = (q0 * G1 + q1) * G2 + q2
+        d = tl.arange(0, BLOCK_D)
+        d_valid = d < head_dim
+        q = tl.load(
+            Q + b * sqb + h * sqh + q_token[:, None] * sqs + d[None, :] * sqd,
+            mask=q_valid[:, None] & d_valid[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            q = q.to(tl.float32)
+        # Each query's window per axis, in units of its dilation sub-grid.
+        start0 = tl.load(Windows + q0, mask=q_valid, other=0)
+        end0 = tl.load(Windows + windows_len + q0, mask=q_valid, other=0)
+        start1 = tl.load(Windows + 2 * windows_len + q1, mask=q_valid, other=0)
+        end1 = tl.load(Windows + 3 * windows_len + q1, mask=q_valid, other=0)
+        start2 = tl.load(Windows + 4 * windows_len + q2, mask=q_valid, other=0)
+        end2 = tl.load(Windows + 5 * windows_len + q2, mask=q_valid, other=0)
+        group0, group1, group2 = q0 % D0, q1 % D1, q2 % D2
+
+        m_i = tl.full([T0 * T1 * T2], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([T0 * T1 * T2], dtype=tl.float32)
+        acc = tl.zeros([T0 * T1 * T2, BLOCK_D], dtype=tl.float32)
+
+        count = tl.load(KeyTileCounts + query_tile)
+        for j in range(0, count):
+            entry = tl.load(KeyTiles + query_tile * max_count + j)
+            k0, k1, k2 = _tile_coordinates(entry // 2, G1, G2, T0, T1, T2)
+            k_valid = (k0 < G0) & (k1 < G1) & (k2 < G2)
+            k_token = (k0 * G1 + k1) * G2 + k2
+            k = tl.load(
+                K + b * skb + h * skh + k_token[None, :] * sks + d[:, None] * skd,
+                mask=k_valid[None, :] & d_valid[:, None],
+                other=0.0,
+            )
+            v = tl.load(
+                V + b * svb + h * svh + k_token[:, None] * svs + d[None, :] * svd,
+                mask=k_valid[:, None] & d_valid[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            if IEEE:
+                scores = tl.dot(q, k, input_precision="ieee") * scale_log2
+            else:
+                scores = tl.dot(q, k) * scale_log2
+            allowed = k_valid[None, :] & (q_token[:, None] >= 0)
+            if entry % 2 == 1:
+                inside = (k0[None, :] % D0 == group0[:, None]) & (k0[None, :] // D0 >= start0[:, None])
+                inside = inside & (k0[None, :] // D0 < end0[:, None])
+                inside = inside & (k1[None, :] % D1 == group1[:, None]) & (k1[None, :] // D1 >= start1[:, None])
+                inside = inside & (k1[None, :] // D1 < end1[:, None])
+                inside = inside & (k2[None, :] % D2 == group2[:, None]) & (k2[None, :] // D2 >= start2[:, None])
+                inside = inside & (k2[None, :] // D2 < end2[:, None])
+                allowed = allowed & inside
+            m_i, l_i, acc = _online_update(scores, allowed, m_i, l_i, acc, v, IEEE)
+
+        if HAS_TEXT:
+            for first in range(0, text_tokens, BLOCK_TEXT):
+                t = first + tl.arange(0, BLOCK_TEXT)
+                t_valid = t < text_tokens
+                if HAS_TEXT_MASK:
+                    t_valid = t_valid & (tl.load(TMask + b * stmb + t, mask=t_valid, other=0) != 0)
+                tk = tl.load(
+                    TK + b * stkb + h * stkh + t[None, :] * stks + d[:, None] * stkd,
+                    mask=t_valid[None, :] & d_valid[:, None],
+                    other=0.0,
+                )
+                tv = tl.load(
+                    TV + b * stvb + h * stvh + t[:, None] * stvs + d[None, :] * stvd,
+                    mask=t_valid[:, None] & d_valid[None, :],
+                    other=0.0,
+                )
+                if UPCAST:
+                    tk = tk.to(tl.float32)
+                    tv = tv.to(tl.float32)
+                if IEEE:
+                    scores = tl.dot(q, tk, input_precision="ieee") * scale_log2
+                else:
+                    scores = tl.dot(q, tk) * scale_log2
+                allowed = t_valid[None, :] & (q_token[:, None] >= 0)
+                m_i, l_i, acc = _online_update(scores, allowed, m_i, l_i, acc, tv, IEEE)
+
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        tl.store(
+            Out + b * sob + h * soh + q_token[:, None] * sos + d[None, :] * sod,
+            out.to(Out.dtype.element_ty),
+            mask=q_valid[:, None] & d_valid[None, :],
+        )
+        # Natural-log LSE, so results can be merged with other attention outputs.
+        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+        tl.store(Lse + batch_head * tokens + q_token, lse, mask=q_valid)

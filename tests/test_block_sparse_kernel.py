@@ -1,0 +1,105 @@
+"""The Triton block-sparse GNA kernel against the explicit-mask reference (interpreter on CPU, native on GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from accel.kernels import block_sparse
+from accel.kernels.neighborhood import Neighborhood, neighborhood_attention_reference
+
+pytestmark = pytest.mark.skipif(
+    not block_sparse.triton_usable("cuda" if torch.cuda.is_available() else "cpu"),
+    reason="needs a GPU or TRITON_INTERPRET=1",
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Flash-attention's bound: the kernel's error against the fp32 truth may be a small multiple of the error PyTorch
+# itself makes at that precision; fp32 compares directly.
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _inputs(tokens, heads, dim, dtype, text=0, batch=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def make(count):
+        return torch.randn(batch, count, heads, dim, generator=generator).to(DEVICE, dtype)
+
+    q, k, v = make(tokens), make(tokens), make(tokens)
+    extra = (make(text), make(text)) if text else (None, None)
+    return q, k, v, *extra
+
+
+CASES = [
+    # grid, kernel, stride, dilation, causal, tile, head_dim
+    ((6, 7), (3, 5), 1, 1, False, (4, 4), 16),
+    ((8, 8), (4, 4), (4, 4), 1, False, (4, 4), 16),  # blocked and tile-aligned: every visited tile is full
+    ((9, 10), (5, 4), (2, 3), (1, 2), False, (4, 4), 24),  # odd head dim is padded to 32
+    ((3, 5, 6), (2, 3, 3), (1, 2, 1), 1, (True, False, False), (1, 4, 4), 16),
+    ((19,), (5,), (2,), (3,), False, (16,), 16),
+]
+
+
+@pytest.mark.parametrize("grid, kernel, stride, dilation, causal, tile, head_dim", CASES)
+def test_kernel_matches_the_reference(grid, kernel, stride, dilation, causal, tile, head_dim):
+    hood = Neighborhood.create(grid, kernel, stride, dilation, causal)
+    q, k, v, _, _ = _inputs(hood.tokens, 2, head_dim, torch.float32)
+    out, lse = block_sparse.block_sparse_attention(q, k, v, hood, tile=tile)
+    expected = neighborhood_attention_reference(q, k, v, hood)
+    torch.testing.assert_close(out, expected, atol=TOLERANCE[torch.float32], rtol=TOLERANCE[torch.float32])
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * head_dim**-0.5
+    scores = scores.masked_fill(~hood.mask(q.device), float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, dim=-1), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_half_precision_with_text_keys(dtype):
+    hood = Neighborhood.create((7, 9), (3, 3), (1, 1))
+    q, k, v, text_k, text_v = _inputs(hood.tokens, 2, 16, dtype, text=70)
+    text_mask = torch.ones(2, 70, dtype=torch.bool, device=DEVICE)
+    text_mask[1, 40:] = False
+    out, _ = block_sparse.block_sparse_attention(q, k, v, hood, text_k, text_v, text_mask, tile=(4, 4))
+    expected = neighborhood_attention_reference(q, k, v, hood, text_k, text_v, text_mask)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_kernel_reads_strided_slices_of_a_joint_sequence():
+    """FLUX's joint sequence holds text first: the kernel reads the image part in place, without a copy."""
+    hood = Neighborhood.create((5, 6), (3, 3))
+    joint_q, joint_k, joint_v, _, _ = _inputs(7 + hood.tokens, 2, 16, torch.float32)
+    q, k, v = joint_q[:, 7:], joint_k[:, 7:], joint_v[:, 7:]
+    assert not q.is_contiguous()
+    out, _ = block_sparse.block_sparse_attention(q, k, v, hood, joint_k[:, :7], joint_v[:, :7], tile=(4, 4))
+    expected = neighborhood_attention_reference(q, k, v, hood, joint_k[:, :7], joint_v[:, :7])
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_kernel_as_large_as_the_grid_is_dense():
+    hood = Neighborhood.create((5, 7), (5, 7))
+    q, k, v, _, _ = _inputs(hood.tokens, 1, 16, torch.float32)
+    plan = block_sparse.block_sparse_plan(hood, (4, 4), q.device)
+    # Every tile pair is visited and none needs the fine mask.
+    assert plan.density == 1.0 and bool((plan.key_tiles % 2 == 0).all())
+    out, _ = block_sparse.block_sparse_attention(q, k, v, hood, tile=(4, 4))
+    torch.testing.assert_close(
+        out,
+        torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        ).transpose(1, 2),
+        atol=2e-5,
+        rtol=2e-5,
+    )
+
+
+def test_plan_visits_only_tiles_inside_the_windows():
+    hood = Neighborhood.create((64, 64), (16, 16), (16, 16))
+    plan = block_sparse.block_sparse_plan(hood, (16, 16), torch.device("cpu"))
+    # Blocked 16x16 windows on 16x16 tiles: each query tile sees exactly its own tile, with no fine mask.
+    assert plan.key_tile_counts.tolist() == [1] * 16
+    assert plan.key_tiles[:, 0].tolist() == [2 * t for t in range(16)]
+
+
+def test_bad_tile_is_refused():
+    hood = Neighborhood.create((8, 8), 3)
+    with pytest.raises(ValueError, match="power of two"):
+        block_sparse.block_sparse_plan(hood, (3, 4), torch.device("cpu"))

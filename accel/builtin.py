@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from accel.config import DenseConfig, HiDiffusionConfig
-from accel.errors import UnsupportedModelError
+import re
+
+from accel.config import DenseConfig, GNAConfig, HiDiffusionConfig
+from accel.errors import InvalidOptionError, UnsupportedModelError
 from accel.plan import PatchPlan
 from accel.registry import register_method
 
@@ -43,3 +45,35 @@ def apply_hidiffusion(plan: PatchPlan, config: HiDiffusionConfig) -> None:
         )
         for module, hook, name in hidiffusion.raunet_hooks(unet, state):
             plan.add_hook(module, hook, name)
+
+
+@register_method(GNAConfig, families=("flux", "hunyuanvideo"))
+def apply_gna(plan: PatchPlan, config: GNAConfig) -> None:
+    from accel.pipelines import gna
+
+    processor_class, default_geometry = gna.PROCESSORS[plan.family.name]
+    sites = plan.select(config)
+    if config.dense_layers is not None:
+        dense = re.compile(config.dense_layers)
+        kept = [s for s in sites if not dense.fullmatch(s.name)]
+        if len(kept) == len(sites):
+            raise InvalidOptionError(
+                f"gna: dense_layers={config.dense_layers!r} matches none of the layers it patches "
+                f"(e.g. {sites[0].name}); fix the regex (it must match a whole name)"
+            )
+        sites = kept
+    for pattern in config.per_layer or {}:
+        if not any(re.fullmatch(pattern, s.name) for s in sites):
+            raise InvalidOptionError(
+                f"gna: per_layer pattern {pattern!r} matches none of the patched layers (e.g. {sites[0].name})"
+            )
+    for site in sites:
+        processor = processor_class(
+            context=plan.context,
+            layer=site.name,
+            settings=gna.layer_settings(config, site.name),
+            default_geometry=default_geometry,
+            dense_steps=config.dense_steps,
+            backend=config.backend,
+        )
+        plan.set_processor(site, processor)

@@ -144,6 +144,95 @@ class HiDiffusionConfig(MethodConfig):
             raise InvalidOptionError(f"hidiffusion: shift_seed must be an int, got {self.shift_seed!r}")
 
 
+GNA_GEOMETRY_OPTIONS = ("kernel_size", "stride", "dilation", "is_causal")
+GNA_BACKENDS = ("auto", "torch", "triton", "reference")
+
+
+@dataclass(kw_only=True)
+class GNAConfig(MethodConfig):
+    r"""Generalized neighborhood attention for FLUX (2-D image grid) and HunyuanVideo (3-D video grid).
+
+    Image / video queries attend a window of their grid (NATTEN's semantics: clamped at the borders, stride groups
+    share their leader's window, ``stride == kernel_size`` is blocked attention) plus every text token; text queries
+    attend everything. Each geometry option is an int (all axes) or one value per axis (``(rows, cols)`` for FLUX,
+    ``(frames, rows, cols)`` for HunyuanVideo).
+
+    Args:
+        kernel_size (`int` or `tuple`, *optional*):
+            Window per axis. ``None`` scales with the grid, after the GNA paper's 4K settings: FLUX 5/16 of each side
+            (80 of 256); HunyuanVideo 0.6 x frames, 0.5 x rows, 0.3 x cols (18x24x24 of 30x48x80). A kernel as large
+            as the grid is dense attention.
+        stride (`int` or `tuple`, *optional*):
+            Stride per axis. ``None``: a fifth of the kernel for FLUX (16 for 80), and 8/9, 1/3, 1/3 of it for
+            HunyuanVideo (16x8x8 for 18x24x24), at least 1.
+        dilation (`int` or `tuple`, defaults to `1`): dilation per axis.
+        is_causal (`bool` or `tuple`, defaults to `False`): causal windows per axis (e.g. along frames).
+        dense_steps (`int`, defaults to `0`): the first denoising steps run dense (layout forms there).
+        dense_layers (`str`, *optional*): regex of layers left dense (fully matching module names).
+        per_layer (`dict`, *optional*): ``{regex: {option: value}}`` overriding geometry options for the layers
+            whose name the regex fully matches (first match wins), e.g. ``{r"single_transformer_blocks\.3.*": {
+            "kernel_size": 32}}``.
+        backend (`str`, defaults to `"auto"`): ``"triton"`` (the fused block-sparse kernel, GPU), ``"torch"`` (tiled
+            SDPA, any device), ``"reference"`` (explicit mask, small sizes only), ``"auto"``: Triton on CUDA when
+            available, else torch.
+        layers (`str`, *optional*): see `MethodConfig`.
+    """
+
+    name: ClassVar[str] = "gna"
+
+    kernel_size: int | tuple[int, ...] | None = None
+    stride: int | tuple[int, ...] | None = None
+    dilation: int | tuple[int, ...] = 1
+    is_causal: bool | tuple[bool, ...] = False
+    dense_steps: int = 0
+    dense_layers: str | None = None
+    per_layer: dict[str, dict[str, Any]] | None = None
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for option in ("kernel_size", "stride", "dilation"):
+            value = getattr(self, option)
+            if value is None and option != "dilation":
+                continue
+            setattr(self, option, _positive_ints(self, option, value))
+        if isinstance(self.is_causal, list | tuple):
+            self.is_causal = tuple(self.is_causal)
+        if not (isinstance(self.is_causal, bool) or all(isinstance(v, bool) for v in self.is_causal)):
+            raise InvalidOptionError(f"gna: is_causal={self.is_causal!r} must be a bool or one bool per axis")
+        if not isinstance(self.dense_steps, int) or isinstance(self.dense_steps, bool) or self.dense_steps < 0:
+            raise InvalidOptionError(f"gna: dense_steps={self.dense_steps!r} must be a non-negative int")
+        if self.dense_layers is not None:
+            _check_regex(self, "dense_layers", self.dense_layers)
+        if self.per_layer is not None:
+            if not isinstance(self.per_layer, dict):
+                raise InvalidOptionError("gna: per_layer must be a dict {layer regex: {option: value}}")
+            for pattern, options in self.per_layer.items():
+                _check_regex(self, "per_layer", pattern)
+                unknown = set(options) - set(GNA_GEOMETRY_OPTIONS) if isinstance(options, dict) else None
+                if unknown is None or unknown:
+                    raise InvalidOptionError(
+                        f"gna: per_layer[{pattern!r}] must be a dict of {', '.join(GNA_GEOMETRY_OPTIONS)}; "
+                        f"got {options!r}"
+                    )
+        if self.backend not in GNA_BACKENDS:
+            raise InvalidOptionError(f"gna: backend={self.backend!r} must be one of {', '.join(GNA_BACKENDS)}")
+
+
+def _positive_ints(config: MethodConfig, option: str, value) -> int | tuple[int, ...]:
+    values = tuple(value) if isinstance(value, list | tuple) else (value,)
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+        raise InvalidOptionError(f"{config.name}: {option}={value!r} must be a positive int or one per axis")
+    return values[0] if not isinstance(value, list | tuple) else values
+
+
+def _check_regex(config: MethodConfig, option: str, pattern) -> None:
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError) as error:
+        raise InvalidOptionError(f"{config.name}: {option}={pattern!r} is not a valid regex ({error})") from None
+
+
 def _pair(config: MethodConfig, option: str, value) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, list | tuple) else None
     if pair is None or len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):

@@ -1,0 +1,146 @@
+"""GNA on FLUX and HunyuanVideo pipelines: exact where it must be, a measured change where it is not, clean errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import generate, model_fingerprint
+
+import accel
+from accel.errors import InvalidOptionError, UnsupportedModelError
+from accel.kernels.neighborhood import Neighborhood
+from accel.pipelines.gna import flux_default_geometry, hunyuanvideo_default_geometry
+from accel.processors.gna import _NeighborhoodAttend
+
+FAMILIES = ("flux-tiny", "hunyuanvideo-tiny")
+# Small enough to be sparse on the tiny pipelines' grids (FLUX 8x8 image tokens, HunyuanVideo 3x8x8 video tokens).
+SPARSE = {"flux-tiny": dict(kernel_size=3, stride=1), "hunyuanvideo-tiny": dict(kernel_size=(2, 5, 5), stride=1)}
+
+
+def _name(request) -> str:
+    return request.node.callspec.params["pipeline"]
+
+
+@pytest.mark.parametrize("pipeline", FAMILIES, indirect=True)
+def test_window_covering_the_grid_equals_dense_and_unpatch_restores(pipeline, request, monkeypatch):
+    name = _name(request)
+    reference = generate(pipeline, name)
+    before = model_fingerprint(pipeline.transformer)
+    # A kernel as large as the grid is dense attention; disabling the shortcut sends it through the GNA path
+    # (text/visual split, text keys, padded-text mask, reassembly), which must then reproduce dense attention.
+    monkeypatch.setattr(Neighborhood, "is_dense", property(lambda self: False))
+    accel.patch(pipeline, "gna", kernel_size=10_000, backend="torch")
+    with pytest.raises(ValueError, match="kernel_size 10000 is larger than the token grid"):
+        generate(pipeline, name)
+    grid = _recorded_grid(pipeline, name)
+    accel.patch(pipeline, "gna", kernel_size=grid, backend="torch")
+    assert np.abs(generate(pipeline, name) - reference).max() <= 1e-5
+    accel.unpatch(pipeline)
+    assert model_fingerprint(pipeline.transformer) == before
+    assert np.array_equal(generate(pipeline, name), reference)
+
+
+def _recorded_grid(pipe, name) -> tuple[int, ...]:
+    """The token grid the step hook records for the tiny pipeline's default size."""
+    grids = []
+    with accel.patched(pipe, "dense"):
+        context = accel.get_patch(pipe).context
+        first_block = pipe.transformer.transformer_blocks[0]
+        hook = first_block.register_forward_pre_hook(lambda module, args: grids.append(context.layout.grid))
+        try:
+            generate(pipe, name, steps=1)
+        finally:
+            hook.remove()
+    return grids[0]
+
+
+@pytest.mark.parametrize("pipeline", FAMILIES, indirect=True)
+def test_small_windows_change_the_result_and_the_torch_path_equals_the_reference(pipeline, request):
+    name = _name(request)
+    dense = generate(pipeline, name)
+    with accel.patched(pipeline, "gna", backend="reference", **SPARSE[name]):
+        truth = generate(pipeline, name)
+    with accel.patched(pipeline, "gna", backend="torch", **SPARSE[name]):
+        tiled = generate(pipeline, name)
+    assert np.abs(tiled - truth).max() <= 1e-4
+    assert np.abs(truth - dense).max() > 1e-3
+
+
+def test_triton_kernel_in_the_flux_pipeline(tiny_pipelines):
+    from accel.kernels.block_sparse import triton_usable
+
+    pipe = tiny_pipelines["flux-tiny"]
+    if not triton_usable("cpu"):
+        pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
+    with accel.patched(pipe, "gna", backend="torch", **SPARSE["flux-tiny"]):
+        tiled = generate(pipe, "flux-tiny", steps=1)
+    with accel.patched(pipe, "gna", backend="triton", **SPARSE["flux-tiny"]):
+        fused = generate(pipe, "flux-tiny", steps=1)
+    assert np.abs(fused - tiled).max() <= 1e-4
+
+
+@pytest.mark.parametrize("pipeline", ["flux-tiny"], indirect=True)
+def test_dense_steps_and_dense_layers(pipeline):
+    dense = generate(pipeline, "flux-tiny", steps=2)
+    with accel.patched(pipeline, "gna", dense_steps=2, **SPARSE["flux-tiny"]):
+        assert np.array_equal(generate(pipeline, "flux-tiny", steps=2), dense)
+    with accel.patched(pipeline, "gna", **SPARSE["flux-tiny"]):
+        sparse_all = generate(pipeline, "flux-tiny", steps=2)
+    with accel.patched(pipeline, "gna", dense_steps=1, **SPARSE["flux-tiny"]):
+        sparse_late = generate(pipeline, "flux-tiny", steps=2)
+    assert np.abs(sparse_late - dense).max() > 1e-4 and np.abs(sparse_late - sparse_all).max() > 1e-4
+    handle = accel.patch(pipeline, "gna", dense_layers=r"single_transformer_blocks\..*", **SPARSE["flux-tiny"])
+    assert handle.layers and all(name.startswith("transformer_blocks.") for name in handle.layers)
+
+
+@pytest.mark.parametrize("pipeline", ["flux-tiny"], indirect=True)
+def test_per_layer_geometry(pipeline):
+    accel.patch(pipeline, "gna", kernel_size=3, per_layer={r"transformer_blocks\.0\..*": {"kernel_size": 5}})
+    processors = {
+        name: p for name, p in pipeline.transformer.attn_processors.items() if isinstance(p, _NeighborhoodAttend)
+    }
+    kernels = {name.rsplit(".processor", 1)[0]: p.settings.kernel_size for name, p in processors.items()}
+    assert kernels["transformer_blocks.0.attn"] == 5
+    assert {k for name, k in kernels.items() if name != "transformer_blocks.0.attn"} == {3}
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        (dict(kernel_size=0), "positive int"),
+        (dict(stride=(2, "a")), "positive int"),
+        (dict(is_causal="yes"), "bool"),
+        (dict(dense_steps=-1), "non-negative"),
+        (dict(backend="cuda"), "one of auto, torch, triton, reference"),
+        (dict(per_layer={"transformer_blocks.*": {"window": 3}}), "must be a dict of kernel_size"),
+        (dict(per_layer={"nothing-matches": {"kernel_size": 3}}), "matches none of the patched layers"),
+        (dict(dense_layers="nothing-matches"), "matches none of the layers"),
+        (dict(dense_layers="("), "not a valid regex"),
+        (dict(kernel_sise=3), "Did you mean 'kernel_size'"),
+    ],
+)
+def test_bad_configs_are_refused(tiny_pipelines, options, words):
+    pipe = tiny_pipelines["flux-tiny"]
+    before = model_fingerprint(pipe.transformer)
+    with pytest.raises(InvalidOptionError, match=words):
+        accel.patch(pipe, "gna", **options)
+    assert model_fingerprint(pipe.transformer) == before
+
+
+@pytest.mark.parametrize("pipeline", ["flux-tiny"], indirect=True)
+def test_geometry_errors_name_the_grid_at_call_time(pipeline):
+    accel.patch(pipeline, "gna", kernel_size=4, stride=5)
+    with pytest.raises(ValueError, match=r"gna: .* at token grid \(8, 8\): stride 5 is larger than kernel_size 4"):
+        generate(pipeline, "flux-tiny", steps=1)
+
+
+def test_unets_are_refused(tiny_pipelines):
+    with pytest.raises(UnsupportedModelError, match="gna"):
+        accel.patch(tiny_pipelines["sd15-tiny"], "gna")
+
+
+def test_default_geometry_reproduces_the_papers_4k_settings():
+    assert flux_default_geometry((256, 256)) == ((80, 80), (16, 16))
+    assert hunyuanvideo_default_geometry((30, 48, 80)) == ((18, 24, 24), (16, 8, 8))
+    kernel, stride = flux_default_geometry((3, 40))
+    assert Neighborhood.create((3, 40), kernel, stride)  # valid on small and uneven grids too

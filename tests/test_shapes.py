@@ -88,12 +88,24 @@ def test_shipped_weights_load_offline_and_are_small():
     assert image.images.shape == (1, 64, 64, 3)
 
 
+def test_shipped_autoencoder_keeps_shapes_readable():
+    """The detector must still read the VAE's round trip of generator images: the ceiling on what the UNet can score
+    (0.965 on 200 held-out images at training time; the 4-channel v0 autoencoder managed 0.25)."""
+    from accel.pipelines import shapes_train
+
+    pipe = accel.load_pipeline("shapes-sd")
+    with torch.no_grad():
+        accuracy = shapes_train._reconstruction_accuracy(pipe.vae, "cpu", count=100, seed=4242)
+    print(f"detector accuracy on VAE reconstructions: {accuracy:.2f}")
+    assert accuracy >= 0.9
+
+
 def test_shipped_model_draws_single_objects():
     """A guard on the shipped weights: one seed per single-object prompt, the benchmark's settings.
 
-    The shipped v0 weights get the colour right every time but the shape only about a third of the time (their
-    4x VAE blurs stars and squares into blobs); the issue's bar, 90 % adherence, is not met yet. The guard holds
-    what v0 does, so that a broken load or a regression fails.
+    The shipped v1 weights get the colour right every time and the shape about half the time (0.60 here, 0.44 over
+    4 seeds in the benchmark: squares come out rounded and read as circles); the issue's bar, 90 % adherence, is not
+    met yet. The guard holds what v1 does, so that a broken load or a regression fails.
     """
     pipe = accel.load_pipeline("shapes-sd")
     pipe.set_progress_bar_config(disable=True)
@@ -113,7 +125,7 @@ def test_shipped_model_draws_single_objects():
     colour_adherence = np.mean([s.colour_adherent for s in scores])
     print(f"single-object adherence {adherence:.2f}, colour adherence {colour_adherence:.2f}")
     assert colour_adherence >= 0.95
-    assert adherence >= 0.2
+    assert adherence >= 0.4
 
 
 def test_quality_benchmark_smoke_run(tmp_path):

@@ -114,6 +114,38 @@ def test_raunet_follows_the_schedule_under_img2img(sd):
     assert sizes == [(8, 8)] + [(16, 16)] * 3
 
 
+def test_inpaint_pipeline_is_patched_directly_and_follows_strength(sd):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    inpaint = StableDiffusionInpaintPipeline(**sd.components)
+    inpaint.set_progress_bar_config(disable=True)
+    before = model_fingerprint(sd.unet)
+    mask = torch.zeros(1, 1, 256, 256)
+    mask[..., 64:192, 64:192] = 1.0
+    sizes = []
+    hook = sd.unet.down_blocks[1].register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append(tuple(kwargs["hidden_states"].shape[-2:])), with_kwargs=True
+    )
+    try:
+        with accel.patched(inpaint, "hidiffusion"):
+            out = inpaint(
+                "a red circle",
+                image=torch.rand(1, 3, 256, 256),
+                mask_image=mask,
+                height=256,
+                width=256,
+                strength=0.8,
+                num_inference_steps=5,
+                generator=torch.Generator().manual_seed(0),
+                output_type="np",
+            ).images
+    finally:
+        hook.remove()
+    assert np.isfinite(out).all() and out.shape == (1, 256, 256, 3)
+    assert sizes == [(8, 8)] + [(16, 16)] * 3
+    assert model_fingerprint(sd.unet) == before
+
+
 def test_sdxl_shaped_unet_pools_in_level_one(tiny_pipelines):
     pipe = tiny_pipelines["sdxl-tiny"]
     sizes = []

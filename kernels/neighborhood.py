@@ -194,13 +194,24 @@ def _check_tokens(query: torch.Tensor, neighborhood: Neighborhood) -> None:
 # Tiling: query tiles and the key box that covers their windows. Shared by the CPU path and the Triton kernel.
 
 
+# Smallest query tile per axis, by grid rank: about 256 queries per tile. Measured on the 2-core CPU at 128x128
+# tokens: 16x16 tiles ran 1.35-1.4x faster than 8x8 ones (fewer gathered key copies) and 2.6x faster than 32x32.
+_MIN_TILE = {1: (64,), 2: (16, 16), 3: (4, 8, 8)}
+
+
 def default_tile(neighborhood: Neighborhood) -> tuple[int, ...]:
-    """Query tile per axis: the stride where it is large enough (a tile is then one stride group, whose queries share
-    one window, so the key box is exactly that window and needs no mask), else 8 positions, capped by the grid."""
+    """Query tile per axis: the smallest multiple of the stride that reaches ``_MIN_TILE``, capped by the grid.
+
+    A tile made of whole stride groups has boxes no larger than the stride groups' windows need; a tile that is one
+    stride group sees exactly its window, with no mask.
+    """
     tile = []
-    for side, step, dil in zip(neighborhood.grid, neighborhood.stride, neighborhood.dilation, strict=True):
+    minimum = _MIN_TILE[len(neighborhood.grid)]
+    for side, step, dil, least in zip(
+        neighborhood.grid, neighborhood.stride, neighborhood.dilation, minimum, strict=True
+    ):
         sub_side = math.ceil(side / dil)
-        tile.append(min(sub_side, step if step >= 4 else 8))
+        tile.append(min(sub_side, step * math.ceil(least / step)))
     return tuple(tile)
 
 
@@ -221,6 +232,7 @@ class TilePlan:
     mask: torch.Tensor | None
     valid: torch.Tensor
     box: tuple[int, ...]
+    all_valid: bool = False
 
 
 @functools.lru_cache(maxsize=64)
@@ -272,6 +284,7 @@ def tile_plan(
         mask=None if bool(mask.all()) else mask.to(device),
         valid=valid.reshape(-1).to(device),
         box=box,
+        all_valid=bool(valid.all()),
     )
 
 
@@ -372,5 +385,8 @@ def _tiled_one_grid(query, key, value, neighborhood, extra_key, extra_value, ext
         outputs.append(out.transpose(1, 2).reshape(batch, count * tile_tokens, heads, -1))
     out_tiles = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
     out = torch.empty(batch, tokens, heads, value.shape[-1], dtype=query.dtype, device=query.device)
+    if plan.all_valid:
+        # Tiles cover the grid exactly: one scatter, no boolean selection (a full extra copy of the output).
+        return out.index_copy_(1, plan.query_index.reshape(-1), out_tiles)
     out[:, plan.query_index.reshape(-1)[plan.valid]] = out_tiles[:, plan.valid]
     return out

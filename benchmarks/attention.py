@@ -1,0 +1,267 @@
+"""GNA speed: the attention op against dense SDPA, and whole pipelines against their unpatched selves.
+
+    python benchmarks/attention.py op            # op level: GNA vs SDPA, speedup and share of the speed of light
+    python benchmarks/attention.py pipeline      # end to end: flux / hunyuanvideo, tiny and real-width
+
+Op level: for each shape, dense ``scaled_dot_product_attention`` and GNA (the torch tiled path on CPU, the Triton
+kernel on CUDA) on the same random ``[B, S, H, D]`` tensors. The speed of light is ``1 / density``: the speedup a
+kernel would reach if it did exactly the attended (query, key) pairs at dense attention's rate. GPU shapes are
+NATTEN's published FLUX-4K and HunyuanVideo problems; CPU shapes are sized for a 2-core machine.
+
+Pipeline: seeded generations, unpatched vs ``accel.patch(pipe, "gna", ...)``, timing the denoising loop
+(``output_type="latent"``) and reporting drift (PSNR of decoded frames) at a smaller step count.
+
+Every number is a median of ``--repeats`` runs, taken alone on the machine with ``torch.set_num_threads``;
+results go to ``benchmarks/results/attention-<suite>/`` as JSON and PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import accel
+from accel import metrics
+from accel.kernels.neighborhood import Neighborhood, default_tile, neighborhood_attention_tiled, tile_plan
+
+# name, grid, kernel_size, stride, heads, head_dim
+CPU_SHAPES = [
+    ("2d 128x128 w32 s16 (block-aligned)", (128, 128), (32, 32), (16, 16), 4, 64),
+    ("2d 128x128 w33 s1 (standard NA)", (128, 128), (33, 33), (1, 1), 4, 64),
+    ("2d 128x128 w40 s8", (128, 128), (40, 40), (8, 8), 4, 64),
+    ("3d 8x32x64 w4x16x16 s4x8x8", (8, 32, 64), (4, 16, 16), (4, 8, 8), 4, 64),
+    ("2d 64x64 w16 s8", (64, 64), (16, 16), (8, 8), 4, 64),
+]
+GPU_SHAPES = [
+    ("FLUX-4K 256x256 w80 s16", (256, 256), (80, 80), (16, 16), 24, 128),
+    ("HunyuanVideo 30x48x80 w18x24x24 s16x8x8", (30, 48, 80), (18, 24, 24), (16, 8, 8), 24, 128),
+    *CPU_SHAPES,
+]
+
+
+def _median_seconds(fn, repeats: int, sync) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - tick)
+    return statistics.median(times)
+
+
+def _measure_shape(name, grid, kernel, stride, heads, dim, device, dtype, repeats, sync) -> dict:
+    hood = Neighborhood.create(grid, kernel, stride)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, hood.tokens, heads, dim, generator=generator).to(device, dtype) for _ in range(3))
+
+    def dense():
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+    if device == "cuda":
+        from accel.kernels.block_sparse import block_sparse_attention
+
+        def sparse():
+            return block_sparse_attention(q, k, v, hood)[0]
+
+        path = "triton block-sparse kernel"
+    else:
+
+        def sparse():
+            return neighborhood_attention_tiled(q, k, v, hood)
+
+        path = "torch tiled SDPA"
+    dense_s = _median_seconds(dense, repeats, sync)
+    sparse_s = _median_seconds(sparse, repeats, sync)
+    gather_s = None
+    if device == "cpu":
+        # The torch path copies each tile's queries and key box out of the row-major sequence (the permutation
+        # the Triton kernel fuses into its addressing): its cost, alone.
+        plan = tile_plan(hood.grid, hood.kernel_size, hood.stride, hood.is_causal, default_tile(hood), q.device)
+
+        def gather():
+            return (
+                q[:, plan.query_index.reshape(-1)],
+                k[:, plan.key_index.reshape(-1)],
+                v[:, plan.key_index.reshape(-1)],
+            )
+
+        gather_s = _median_seconds(gather, repeats, sync)
+    density = hood.density()
+    speedup = dense_s / sparse_s
+    row = {
+        "shape": name,
+        "grid": grid,
+        "tokens": hood.tokens,
+        "kernel_size": kernel,
+        "stride": stride,
+        "heads": heads,
+        "head_dim": dim,
+        "density": density,
+        "dense_ms": dense_s * 1e3,
+        "gna_ms": sparse_s * 1e3,
+        "gather_ms": None if gather_s is None else gather_s * 1e3,
+        "speedup": speedup,
+        "speed_of_light": 1 / density,
+        "share_of_speed_of_light": speedup * density,
+        "path": path,
+    }
+    print(
+        f"{name:42s} {hood.tokens:6d} tok  density {density:6.3f}  dense {dense_s * 1e3:9.1f} ms  "
+        f"gna {sparse_s * 1e3:8.1f} ms  speedup {speedup:5.2f}x  of light {speedup * density:5.1%}"
+        + ("" if gather_s is None else f"  (gathers {gather_s * 1e3:.1f} ms)"),
+        flush=True,
+    )
+    return row
+
+
+def run_ops(args) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    shapes = GPU_SHAPES if device == "cuda" else CPU_SHAPES
+    rows = [
+        _measure_shape(name, grid, kernel, stride, heads, dim, device, dtype, args.repeats, sync)
+        for name, grid, kernel, stride, heads, dim in shapes
+    ]
+    return {"suite": "op", "device": _device_name(device), "dtype": args.dtype, "batch": 1, "rows": rows}
+
+
+# model, generation size, GNA options, steps for timing
+PIPELINE_CASES = {
+    "flux-tiny": ({"height": 2048, "width": 2048, "max_sequence_length": 32}, {}),
+    "hunyuanvideo-tiny": ({"height": 512, "width": 1024, "num_frames": 29, "max_sequence_length": 32}, {}),
+    "flux-arch": ({"height": 1024, "width": 1024, "max_sequence_length": 64}, {}),
+    "hunyuanvideo-arch": ({"height": 512, "width": 512, "num_frames": 13, "max_sequence_length": 64}, {}),
+}
+
+
+def run_pipelines(args) -> dict:
+    rows = []
+    for model in args.models:
+        size, options = PIPELINE_CASES[model]
+        arch = model.endswith("-arch")
+        pipe = accel.load_pipeline(model, num_blocks=args.num_blocks) if arch else accel.load_pipeline(model)
+        pipe.set_progress_bar_config(disable=True)
+        options = {**options, **_parse(args.option)}
+
+        def call(steps, output_type, pipe=pipe, size=size):
+            result = pipe(
+                prompt="a red circle and a blue square",
+                num_inference_steps=steps,
+                generator=torch.Generator().manual_seed(0),
+                output_type=output_type,
+                **size,
+            )
+            return result.frames if hasattr(result, "frames") else result.images
+
+        unpatched_s = _median_seconds(lambda: call(args.steps, "latent"), args.repeats, lambda: None)
+        with accel.patched(pipe, "gna", **options):
+            processor = next(p for p in pipe.transformer.attn_processors.values() if hasattr(p, "_neighborhoods"))
+            patched_s = _median_seconds(lambda: call(args.steps, "latent"), args.repeats, lambda: None)
+            # The step hook forgets the layout after each call; the processor keeps the geometry it used.
+            ((grid, hood),) = processor._neighborhoods.items()
+            patched_image = np.asarray(call(args.steps, "np"), dtype=np.float32)
+        unpatched_image = np.asarray(call(args.steps, "np"), dtype=np.float32)
+        row = {
+            "model": model,
+            "num_blocks": args.num_blocks if arch else None,
+            "dtype": str(pipe.transformer.dtype),
+            "size": size,
+            "grid": grid,
+            "visual_tokens": int(np.prod(grid)),
+            "kernel_size": hood.kernel_size,
+            "stride": hood.stride,
+            "density": hood.density(),
+            "steps": args.steps,
+            "unpatched_s": unpatched_s,
+            "gna_s": patched_s,
+            "speedup": unpatched_s / patched_s,
+            "psnr_db_vs_unpatched": metrics.psnr(unpatched_image, patched_image),
+        }
+        rows.append(row)
+        print(
+            f"{model:18s} grid {grid} ({row['visual_tokens']} tok) kernel {hood.kernel_size} stride {hood.stride}: "
+            f"unpatched {unpatched_s:.2f} s  gna {patched_s:.2f} s  speedup {row['speedup']:.2f}x  "
+            f"PSNR {row['psnr_db_vs_unpatched']:.1f} dB",
+            flush=True,
+        )
+        del pipe
+    return {"suite": "pipeline", "device": _device_name("cpu"), "dtype": "per row", "rows": rows}
+
+
+def _parse(pairs):
+    from accel.cli import parse_options
+
+    return parse_options(pairs)
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu {platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    labels = [r.get("shape") or r["model"] for r in rows]
+    positions = np.arange(len(rows))
+    ax.bar(positions - 0.2, [r["speedup"] for r in rows], 0.4, label="measured speedup")
+    if result["suite"] == "op":
+        ax.bar(positions + 0.2, [r["speed_of_light"] for r in rows], 0.4, label="speed of light (1 / density)")
+        heads = {(r["heads"], r["head_dim"]) for r in rows}
+        baseline = "dense SDPA, batch 1, " + ", ".join(f"{h} heads x {d}" for h, d in sorted(heads))
+    else:
+        baseline = "the unpatched pipeline (denoising loop)"
+    ax.set_xticks(positions, labels, rotation=15, ha="right", fontsize=7)
+    ax.set_ylabel("x faster than the baseline")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(f"GNA {result['suite']} on {result['device']}, {result['dtype']}; baseline: {baseline}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", choices=["op", "pipeline"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--models", nargs="+", default=list(PIPELINE_CASES), choices=list(PIPELINE_CASES))
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="GNA option")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--num-blocks", type=int, default=1, help="transformer blocks of the *-arch models")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = run_ops(args) if args.suite == "op" else run_pipelines(args)
+    result.update(threads=args.threads, torch=torch.__version__, repeats=args.repeats, argv=sys.argv[1:])
+    out = Path(args.out or f"benchmarks/results/attention-{args.suite}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    _plot(result, out / "speedup.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

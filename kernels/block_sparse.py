@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from accel.kernels.neighborhood import Neighborhood, axis_windows
+from accel.kernels.neighborhood import Neighborhood, _axis_allowed, axis_windows
 
 try:
     import triton
@@ -89,16 +89,12 @@ def block_sparse_plan(neighborhood: Neighborhood, tile: tuple[int, ...], device:
     any_tiles, all_tiles = [], []
     for axis in range(3):
         side, size, dil = grid[axis], tile3[axis], dilation[axis]
-        allowed = torch.zeros(side, side, dtype=torch.bool)
         for group in range(dil):
             members = torch.arange(group, side, dil)
             start, end = axis_windows(len(members), kernel[axis], stride[axis], causal[axis])
             windows[axis, 0, members] = start.to(torch.int32)
             windows[axis, 1, members] = end.to(torch.int32)
-            sub = torch.arange(len(members))
-            allowed[members[:, None], members[None, :]] = (sub[None, :] >= start[:, None]) & (
-                sub[None, :] < end[:, None]
-            )
+        allowed = _axis_allowed(side, kernel[axis], stride[axis], dil, causal[axis])
         count = math.ceil(side / size)
         padded = torch.zeros(count * size, count * size, dtype=torch.bool)
         padded[:side, :side] = allowed

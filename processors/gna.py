@@ -7,6 +7,7 @@ queries attend the whole sequence, exactly as dense. Projections, norms and RoPE
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -137,7 +138,7 @@ class _NeighborhoodAttend:
     def _neighborhood(self, visual_tokens: int) -> Neighborhood:
         layout = self.context.layout if self.context is not None else None
         grid = None if layout is None else layout.grid
-        if grid is None or _prod(grid) != visual_tokens:
+        if grid is None or math.prod(grid) != visual_tokens:
             raise RuntimeError(
                 f"gna: {self.layer} received {visual_tokens} visual tokens but the recorded token grid is {grid}; "
                 "GNA needs the grid (FLUX img_ids / HunyuanVideo latent shape) of the denoiser call"
@@ -160,13 +161,6 @@ class _NeighborhoodAttend:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer!r}, settings={self.settings})"
-
-
-def _prod(values) -> int:
-    total = 1
-    for value in values:
-        total *= value
-    return total
 
 
 def _key_mask(attention_mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor:

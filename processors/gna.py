@@ -69,11 +69,7 @@ class _NeighborhoodAttend:
         text = call.text_tokens
         visual = slice(text, None) if call.text_first else slice(0, call.visual_tokens)
         text_part = slice(0, text) if call.text_first else slice(call.visual_tokens, None)
-        text_mask = None
-        if attention_mask is not None:
-            text_mask = _key_mask(attention_mask, query.shape[0], key.shape[1])[:, text_part]
-            if bool(text_mask.all()):
-                text_mask = None
+        text_mask = None if attention_mask is None else self._text_mask(attention_mask, query.shape[0], text_part)
         visual_out = self._visual_attention(
             query[:, visual],
             key[:, visual],
@@ -89,6 +85,23 @@ class _NeighborhoodAttend:
         text_out = super().attend(query[:, text_part], key, value, attention_mask, call)
         parts = [text_out, visual_out] if call.text_first else [visual_out, text_out]
         return torch.cat([part.to(query.dtype) for part in parts], dim=1)
+
+    def _text_mask(self, attention_mask: torch.Tensor, batch: int, text_part: slice) -> torch.Tensor | None:
+        """The text keys' padding mask, or ``None`` when nothing is padded.
+
+        Every layer of a denoiser call receives the same mask tensor, and ``.all()`` is a host sync on GPUs, so it is
+        derived once per call and shared through the patch context (holding the tensor keeps the identity check
+        sound).
+        """
+        cached = self.context.scratch.get("gna_text_mask") if self.context is not None else None
+        if cached is not None and cached[0] is attention_mask:
+            return cached[1]
+        text_mask = _key_mask(attention_mask, batch, attention_mask.shape[-1])[:, text_part]
+        if bool(text_mask.all()):
+            text_mask = None
+        if self.context is not None:
+            self.context.scratch["gna_text_mask"] = (attention_mask, text_mask)
+        return text_mask
 
     def _visual_attention(self, query, key, value, neighborhood, text_key, text_value, text_mask):
         backend = self._backend_for(query.device)

@@ -7,7 +7,6 @@ queries attend the whole sequence, exactly as dense. Projections, norms and RoPE
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ from accel.kernels.neighborhood import (
     neighborhood_attention_tiled,
 )
 from accel.processors.dense import AttentionCall, DenseFluxAttnProcessor, DenseHunyuanVideoAttnProcessor
+from accel.processors.joint import JointVisualAttend
 from accel.processors.state import PatchContext
 
 logger = logging.get_logger(__name__)
@@ -39,8 +39,8 @@ class NeighborhoodSettings:
 DefaultGeometry = Callable[[tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]]
 
 
-class _NeighborhoodAttend:
-    """The GNA ``attend`` shared by the FLUX and HunyuanVideo processors (mixed in before the dense processor)."""
+class _NeighborhoodAttend(JointVisualAttend):
+    """GNA for the visual queries of FLUX and HunyuanVideo joint attention (mixed in before the dense processor)."""
 
     def __init__(
         self,
@@ -59,51 +59,13 @@ class _NeighborhoodAttend:
         self._neighborhoods: dict[tuple[int, ...], Neighborhood] = {}
         self._warned_no_schedule = False
 
-    def attend(self, query, key, value, attention_mask, call: AttentionCall):
-        if call.kind != "joint" or self._dense_step():
-            return super().attend(query, key, value, attention_mask, call)
+    def _visual_plan(self, call: AttentionCall) -> Neighborhood | None:
+        if self._dense_step():
+            return None
         neighborhood = self._neighborhood(call.visual_tokens)
-        if neighborhood.is_dense:
-            return super().attend(query, key, value, attention_mask, call)
+        return None if neighborhood.is_dense else neighborhood
 
-        text = call.text_tokens
-        visual = slice(text, None) if call.text_first else slice(0, call.visual_tokens)
-        text_part = slice(0, text) if call.text_first else slice(call.visual_tokens, None)
-        text_mask = None if attention_mask is None else self._text_mask(attention_mask, query.shape[0], text_part)
-        visual_out = self._visual_attention(
-            query[:, visual],
-            key[:, visual],
-            value[:, visual],
-            neighborhood,
-            key[:, text_part] if text else None,
-            value[:, text_part] if text else None,
-            text_mask,
-        )
-        if not text:
-            return visual_out
-        # Text queries see every token: dense attention over the whole joint sequence, with the caller's mask.
-        text_out = super().attend(query[:, text_part], key, value, attention_mask, call)
-        parts = [text_out, visual_out] if call.text_first else [visual_out, text_out]
-        return torch.cat([part.to(query.dtype) for part in parts], dim=1)
-
-    def _text_mask(self, attention_mask: torch.Tensor, batch: int, text_part: slice) -> torch.Tensor | None:
-        """The text keys' padding mask, or ``None`` when nothing is padded.
-
-        Every layer of a denoiser call receives the same mask tensor, and ``.all()`` is a host sync on GPUs, so it is
-        derived once per call and shared through the patch context (holding the tensor keeps the identity check
-        sound).
-        """
-        cached = self.context.scratch.get("gna_text_mask") if self.context is not None else None
-        if cached is not None and cached[0] is attention_mask:
-            return cached[1]
-        text_mask = _key_mask(attention_mask, batch, attention_mask.shape[-1])[:, text_part]
-        if bool(text_mask.all()):
-            text_mask = None
-        if self.context is not None:
-            self.context.scratch["gna_text_mask"] = (attention_mask, text_mask)
-        return text_mask
-
-    def _visual_attention(self, query, key, value, neighborhood, text_key, text_value, text_mask):
+    def _visual_attention(self, query, key, value, text_key, text_value, text_mask, neighborhood):
         backend = self._backend_for(query.device)
         if backend == "triton":
             from accel.kernels.block_sparse import block_sparse_attention
@@ -149,13 +111,7 @@ class _NeighborhoodAttend:
         return step.step_index < self.dense_steps
 
     def _neighborhood(self, visual_tokens: int) -> Neighborhood:
-        layout = self.context.layout if self.context is not None else None
-        grid = None if layout is None else layout.grid
-        if grid is None or math.prod(grid) != visual_tokens:
-            raise RuntimeError(
-                f"gna: {self.layer} received {visual_tokens} visual tokens but the recorded token grid is {grid}; "
-                "GNA needs the grid (FLUX img_ids / HunyuanVideo latent shape) of the denoiser call"
-            )
+        grid = self._visual_grid(visual_tokens, "gna")
         cached = self._neighborhoods.get(grid)
         if cached is None:
             default_kernel, default_stride = self.default_geometry(grid)
@@ -174,17 +130,6 @@ class _NeighborhoodAttend:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer!r}, settings={self.settings})"
-
-
-def _key_mask(attention_mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor:
-    """``[B, S_k]`` booleans from a key-padding mask broadcastable to ``[B, 1, 1, S_k]`` (HunyuanVideo's form)."""
-    if attention_mask.dtype != torch.bool:
-        raise ValueError("gna: only boolean key-padding masks are supported (HunyuanVideo's form)")
-    if attention_mask.ndim == 4 and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1:
-        return attention_mask[:, 0, 0].expand(batch, keys)
-    if attention_mask.ndim == 2:
-        return attention_mask.expand(batch, keys)
-    raise ValueError(f"gna: attention masks of shape {tuple(attention_mask.shape)} are not key-padding masks")
 
 
 class GNAFluxAttnProcessor(_NeighborhoodAttend, DenseFluxAttnProcessor):

@@ -1,0 +1,91 @@
+"""The split every sparse method makes of FLUX / HunyuanVideo joint attention: visual queries one way, text exactly.
+
+The joint sequence holds text and visual tokens (text first in FLUX, last in HunyuanVideo). A method decides per
+call whether it applies (``_visual_plan``) and computes the visual queries' attention (``_visual_attention``) from the
+visual keys plus the text keys (HunyuanVideo's padded text keys stay masked); text queries attend the whole
+sequence, exactly as dense.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from accel.processors.dense import AttentionCall
+
+
+class JointVisualAttend:
+    """Mixed in before a dense FLUX / HunyuanVideo processor; subclasses define the two hooks below."""
+
+    # Key of the per-call text padding mask in the patch context's scratch space (shared by a call's layers).
+    _TEXT_MASK_KEY = "joint_text_mask"
+
+    def _visual_plan(self, call: AttentionCall):
+        """What `_visual_attention` needs for this call, or ``None`` to run it dense."""
+        raise NotImplementedError
+
+    def _visual_attention(self, query, key, value, text_key, text_value, text_mask, plan):
+        """Visual queries' attention on ``[B, S, H, D]`` visual tensors plus the text keys (``None`` without text)."""
+        raise NotImplementedError
+
+    def attend(self, query, key, value, attention_mask, call: AttentionCall):
+        plan = self._visual_plan(call) if call.kind == "joint" else None
+        if plan is None:
+            return super().attend(query, key, value, attention_mask, call)
+        text = call.text_tokens
+        visual = slice(text, None) if call.text_first else slice(0, call.visual_tokens)
+        text_part = slice(0, text) if call.text_first else slice(call.visual_tokens, None)
+        text_mask = None if attention_mask is None else self._text_mask(attention_mask, query.shape[0], text_part)
+        visual_out = self._visual_attention(
+            query[:, visual],
+            key[:, visual],
+            value[:, visual],
+            key[:, text_part] if text else None,
+            value[:, text_part] if text else None,
+            text_mask,
+            plan,
+        )
+        if not text:
+            return visual_out
+        text_out = super().attend(query[:, text_part], key, value, attention_mask, call)
+        parts = [text_out, visual_out] if call.text_first else [visual_out, text_out]
+        return torch.cat([part.to(query.dtype) for part in parts], dim=1)
+
+    def _visual_grid(self, visual_tokens: int, method: str) -> tuple[int, ...]:
+        layout = self.context.layout if self.context is not None else None
+        grid = None if layout is None else layout.grid
+        if grid is None or math.prod(grid) != visual_tokens:
+            raise RuntimeError(
+                f"{method}: {self.layer} received {visual_tokens} visual tokens but the recorded token grid is {grid}; "
+                f"{method} needs the grid (FLUX img_ids / HunyuanVideo latent shape) of the denoiser call"
+            )
+        return grid
+
+    def _text_mask(self, attention_mask: torch.Tensor, batch: int, text_part: slice) -> torch.Tensor | None:
+        """The text keys' padding mask, or ``None`` when nothing is padded.
+
+        Every layer of a denoiser call receives the same mask tensor, and ``.all()`` is a host sync on GPUs, so it is
+        derived once per call and shared through the patch context (holding the tensor keeps the identity check
+        sound).
+        """
+        cached = self.context.scratch.get(self._TEXT_MASK_KEY) if self.context is not None else None
+        if cached is not None and cached[0] is attention_mask:
+            return cached[1]
+        text_mask = key_padding_mask(attention_mask, batch, attention_mask.shape[-1])[:, text_part]
+        if bool(text_mask.all()):
+            text_mask = None
+        if self.context is not None:
+            self.context.scratch[self._TEXT_MASK_KEY] = (attention_mask, text_mask)
+        return text_mask
+
+
+def key_padding_mask(attention_mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor:
+    """``[B, S_k]`` booleans from a key-padding mask broadcastable to ``[B, 1, 1, S_k]`` (HunyuanVideo's form)."""
+    if attention_mask.dtype != torch.bool:
+        raise ValueError("only boolean key-padding masks are supported (HunyuanVideo's form)")
+    if attention_mask.ndim == 4 and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1:
+        return attention_mask[:, 0, 0].expand(batch, keys)
+    if attention_mask.ndim == 2:
+        return attention_mask.expand(batch, keys)
+    raise ValueError(f"attention masks of shape {tuple(attention_mask.shape)} are not key-padding masks")

@@ -9,7 +9,7 @@ accel.unpatch(pipe)                       # restored bit for bit
 
 from accel import builtin as _builtin  # noqa: F401  (registers the built-in methods)
 from accel.api import PatchHandle, get_patch, patch, patched, unpatch
-from accel.config import DenseConfig, GNAConfig, HiDiffusionConfig, MethodConfig
+from accel.config import AgentConfig, DenseConfig, GNAConfig, HiDiffusionConfig, MethodConfig
 from accel.errors import (
     AccelError,
     InvalidOptionError,
@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccelError",
+    "AgentConfig",
     "DenseConfig",
     "GNAConfig",
     "HiDiffusionConfig",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from accel.config import DenseConfig, GNAConfig, HiDiffusionConfig
+from accel.config import AgentConfig, DenseConfig, GNAConfig, HiDiffusionConfig
 from accel.errors import InvalidOptionError, UnsupportedModelError
 from accel.plan import PatchPlan
 from accel.registry import register_method
@@ -77,3 +77,33 @@ def apply_gna(plan: PatchPlan, config: GNAConfig) -> None:
             backend=config.backend,
         )
         plan.set_processor(site, processor)
+
+
+@register_method(AgentConfig, families=("unet", "flux", "hunyuanvideo"))
+def apply_agent(plan: PatchPlan, config: AgentConfig) -> None:
+    from accel.pipelines import agent
+
+    family = plan.family.name
+    try:
+        settings = agent.settings_for(config, family)
+    except ValueError as error:
+        raise InvalidOptionError(str(error)) from None
+    if family == "unet":
+        try:
+            default_layers = agent.unet_layer_names(plan.denoiser)
+        except ValueError:
+            default_layers = None
+        if default_layers is None and config.layers is None:
+            raise UnsupportedModelError(
+                f"agent: this UNet's down blocks {tuple(plan.denoiser.config.down_block_types)} are neither SD- nor "
+                "SDXL-shaped, so its highest-resolution attention level is unknown; name the layers with "
+                "layers=r'...attn1'"
+            )
+        sites = plan.select(
+            config, kinds=("self",), where=None if config.layers is not None else lambda s: s.name in default_layers
+        )
+    else:
+        sites = plan.select(config)
+    processor_class = agent.PROCESSORS[family]
+    for site in sites:
+        plan.set_processor(site, processor_class(context=plan.context, layer=site.name, settings=settings))

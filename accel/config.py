@@ -219,6 +219,98 @@ class GNAConfig(MethodConfig):
             raise InvalidOptionError(f"gna: backend={self.backend!r} must be one of {', '.join(GNA_BACKENDS)}")
 
 
+AGENT_POOLINGS = ("merge", "grid")
+
+
+@dataclass(kw_only=True)
+class AgentConfig(MethodConfig):
+    r"""Agent attention (AgentSD) for SD 1.x / 2.x / SDXL UNets, and for FLUX and HunyuanVideo visual tokens.
+
+    Queries are pooled into ``agent_ratio`` x tokens agents; the agents attend the keys, and the queries attend the
+    agents: ``softmax(Q Aᵀ · d^(-scale_exponent/2)) softmax(A Kᵀ · d^-1/2) V + shortcut · V``, two products whose
+    cost is linear in the tokens. Where agent attention would cost as much as dense (``2 x agents ≥ tokens``) the
+    layer runs exact attention instead, so ``agent_ratio=1`` reproduces dense attention.
+
+    UNets (AgentSD's recipe): self-attention of the highest-resolution level that has attention (level 0 in SD 1.x /
+    2.x, level 1 in SDXL). For the first ``agent_steps`` of the schedule tokens are merged (ToMe, ``merge_ratio``,
+    one destination per ``cell``) and the agents are ToMe's destinations averaged with every token matched to them
+    (``pooling="merge"``); afterwards only token merging runs (``late_merge_ratio`` with ``late_cell``; 0 for exact
+    attention). FLUX / HunyuanVideo: every joint attention layer; agents are the queries average-pooled over the
+    2-D / 3-D token grid (``pooling="grid"``), text tokens stay exact (text queries attend everything; image / video
+    queries attend the agents and the text keys in one softmax, each agent weighted by the tokens it pools); no
+    token merging.
+
+    Args:
+        agent_ratio (`float`, defaults to `1/16`):
+            Agents per token, in (0, 1]. With ``pooling="merge"`` at least ``1 / cell area`` (one agent per cell).
+        pooling (`str`, *optional*):
+            ``"merge"`` (similarity-guided, AgentSD; UNets only) or ``"grid"`` (adaptive average pooling over the
+            token grid). ``None``: ``"merge"`` on UNets, ``"grid"`` on FLUX / HunyuanVideo.
+        agent_steps (`float`, defaults to `0.4`):
+            Fraction of the schedule, from its start, that uses agent attention (AgentSD: 20 of 50 steps). Read from
+            the scheduler's timesteps, so it holds under classifier-free guidance and img2img ``strength``.
+        merge_ratio (`float`, *optional*):
+            Share of tokens merged away while agents run (UNets). ``None``: 0.4 on UNets, 0 elsewhere.
+        late_merge_ratio (`float`, *optional*):
+            Share merged away after ``agent_steps`` (UNets). ``None``: 0.4 on UNets, 0 elsewhere.
+        cell (`int` or `(int, int)`, defaults to `4`): token-merging cell (one destination each) while agents run.
+        late_cell (`int` or `(int, int)`, defaults to `2`): the cell after ``agent_steps``.
+        scale_exponent (`float`, defaults to `0.3`):
+            The second softmax's scale is ``head_dim ** (-0.5 * scale_exponent)`` (AgentSD's ``k_scale2``).
+        shortcut (`float`, defaults to `0.075`): weight of the value shortcut (AgentSD's ``k_shortcut``).
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the random destination in each cell, drawn per (seed, step, layer), so results are
+            reproducible; ``None`` takes each cell's first token.
+        layers (`str`, *optional*): see `MethodConfig`.
+    """
+
+    name: ClassVar[str] = "agent"
+
+    agent_ratio: float = 1 / 16
+    pooling: str | None = None
+    agent_steps: float = 0.4
+    merge_ratio: float | None = None
+    late_merge_ratio: float | None = None
+    cell: int | tuple[int, int] = 4
+    late_cell: int | tuple[int, int] = 2
+    scale_exponent: float = 0.3
+    shortcut: float = 0.075
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not _is_number(self.agent_ratio) or not 0.0 < self.agent_ratio <= 1.0:
+            raise InvalidOptionError(
+                f"agent: agent_ratio={self.agent_ratio!r} must be a share of the tokens in (0, 1] (e.g. 1/16)"
+            )
+        if self.pooling is not None and self.pooling not in AGENT_POOLINGS:
+            raise InvalidOptionError(f"agent: pooling={self.pooling!r} must be one of {', '.join(AGENT_POOLINGS)}")
+        if not _is_number(self.agent_steps) or not 0.0 <= self.agent_steps <= 1.0:
+            raise InvalidOptionError(f"agent: agent_steps={self.agent_steps!r} must be a fraction of the schedule")
+        for option in ("merge_ratio", "late_merge_ratio"):
+            value = getattr(self, option)
+            if value is not None and (not _is_number(value) or not 0.0 <= value < 1.0):
+                raise InvalidOptionError(f"agent: {option}={value!r} must be a share of the tokens in [0, 1)")
+        self.cell = _pair(self, "cell", self.cell)
+        self.late_cell = _pair(self, "late_cell", self.late_cell)
+        if self.pooling == "merge" and self.agent_ratio < 1 / (self.cell[0] * self.cell[1]):
+            raise InvalidOptionError(
+                f"agent: pooling='merge' makes at least one agent per {self.cell[0]}x{self.cell[1]} cell, "
+                f"so agent_ratio={self.agent_ratio:g} is too small; raise it to ≥ {1 / (self.cell[0] * self.cell[1]):g}"
+                ", enlarge cell, or use pooling='grid'"
+            )
+        if not _is_number(self.scale_exponent) or self.scale_exponent <= 0:
+            raise InvalidOptionError(f"agent: scale_exponent={self.scale_exponent!r} must be a positive number")
+        if not _is_number(self.shortcut):
+            raise InvalidOptionError(f"agent: shortcut={self.shortcut!r} must be a number")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise InvalidOptionError(f"agent: seed={self.seed!r} must be an int or None")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _positive_ints(config: MethodConfig, option: str, value) -> int | tuple[int, ...]:
     values = tuple(value) if isinstance(value, list | tuple) else (value,)
     if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):

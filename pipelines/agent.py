@@ -1,0 +1,49 @@
+"""Agent attention per model: the family's defaults, the layers it patches and the processor for each."""
+
+from __future__ import annotations
+
+from accel.pipelines import hidiffusion
+from accel.processors.agent import (
+    AgentAttnProcessor,
+    AgentFluxAttnProcessor,
+    AgentHunyuanVideoAttnProcessor,
+    AgentSettings,
+)
+
+PROCESSORS = {
+    "unet": AgentAttnProcessor,
+    "flux": AgentFluxAttnProcessor,
+    "hunyuanvideo": AgentHunyuanVideoAttnProcessor,
+}
+
+
+def settings_for(config, family: str) -> AgentSettings:
+    """``config`` with ``family``'s defaults: AgentSD's recipe on UNets, grid-pooled agents without merging on DiTs."""
+    unet = family == "unet"
+    pooling = config.pooling or ("merge" if unet else "grid")
+    if not unet:
+        if pooling == "merge":
+            raise ValueError(
+                "agent: pooling='merge' (token merging) is for UNets; FLUX / HunyuanVideo pool agents over the "
+                "token grid: use pooling='grid' or leave it unset"
+            )
+        for option in ("merge_ratio", "late_merge_ratio"):
+            if getattr(config, option):
+                raise ValueError(f"agent: {option} is for UNets (token merging); leave it unset on {family}")
+    return AgentSettings(
+        agent_ratio=config.agent_ratio,
+        pooling=pooling,
+        agent_steps=config.agent_steps,
+        merge_ratio=(0.4 if unet else 0.0) if config.merge_ratio is None else config.merge_ratio,
+        late_merge_ratio=(0.4 if unet else 0.0) if config.late_merge_ratio is None else config.late_merge_ratio,
+        cell=config.cell,
+        late_cell=config.late_cell,
+        scale_exponent=config.scale_exponent,
+        shortcut=config.shortcut,
+        seed=config.seed,
+    )
+
+
+def unet_layer_names(unet) -> set[str]:
+    """AgentSD's layers: self-attention of the highest-resolution UNet level that has attention."""
+    return hidiffusion.window_layer_names(unet)

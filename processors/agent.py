@@ -1,0 +1,189 @@
+"""Agent attention processors: AgentSD on UNet self-attention, grid-pooled agents on FLUX / HunyuanVideo.
+
+UNet layers merge their tokens (ToMe) before the projections and spread the result back after the output
+projection, all inside the processor: the block around it is diffusers' own. The agents are projected with the
+layer's ``to_q`` (and ``norm_q``), so they are pooled queries, as in AgentSD.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from accel.kernels.agent import agent_attention, bipartite_merge, grid_pool, pooled_grid
+from accel.processors.dense import (
+    AttentionCall,
+    DenseAttnProcessor,
+    DenseFluxAttnProcessor,
+    DenseHunyuanVideoAttnProcessor,
+)
+from accel.processors.joint import JointVisualAttend
+from accel.processors.state import PatchContext
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    """An `AgentConfig` with the model family's defaults filled in."""
+
+    agent_ratio: float
+    pooling: str
+    agent_steps: float
+    merge_ratio: float
+    late_merge_ratio: float
+    cell: tuple[int, int]
+    late_cell: tuple[int, int]
+    scale_exponent: float
+    shortcut: float
+    seed: int | None
+
+
+class _AgentSchedule:
+    """Which part of the schedule a call is in (shared by the UNet and DiT processors)."""
+
+    def __init__(self, context: PatchContext, layer: str, settings: AgentSettings):
+        super().__init__(context=context, layer=layer)
+        self.settings = settings
+
+    def _agent_phase(self) -> bool:
+        step = self.context.step if self.context is not None else None
+        # Without a recorded step (a bare call outside any pipeline) the layer behaves as at the schedule's start.
+        progress = 0.0 if step is None else step.progress
+        return progress < self.settings.agent_steps
+
+    def _scales(self, head_dim: int) -> tuple[float, float]:
+        scale = head_dim**-0.5
+        return scale, scale**self.settings.scale_exponent
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layer={self.layer!r}, settings={self.settings})"
+
+
+class AgentAttnProcessor(_AgentSchedule, DenseAttnProcessor):
+    """AgentSD on a UNet self-attention layer: token merging plus agent attention early, token merging late."""
+
+    def __init__(self, context: PatchContext, layer: str, settings: AgentSettings):
+        super().__init__(context=context, layer=layer, settings=settings)
+        # Set by ``__call__`` for the duration of one call: (attention module, agent hidden states).
+        self._agent_inputs: tuple[torch.nn.Module, torch.Tensor] | None = None
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # Merging commutes with the per-token projections but not with residuals or norms over the whole sequence.
+        reducible = (
+            encoder_hidden_states is None
+            and attention_mask is None
+            and hidden_states.ndim == 3
+            and attn.spatial_norm is None
+            and attn.group_norm is None
+            and not attn.residual_connection
+        )
+        if not reducible:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        settings = self.settings
+        early = self._agent_phase()
+        merge_ratio = settings.merge_ratio if early else settings.late_merge_ratio
+        tokens = hidden_states.shape[1]
+        grid = self.context.layout.level_grid(tokens)
+        cell = settings.cell if early else settings.late_cell
+        merge_cells = all(side >= size for side, size in zip(grid, cell, strict=True))
+
+        agents_wanted = early and 2 * round(settings.agent_ratio * tokens) < tokens
+        merging = merge_ratio > 0 and merge_cells
+        if not (merging or agents_wanted):
+            return super().__call__(attn, hidden_states, None, None, temb)
+
+        matching = None
+        if merging or (agents_wanted and settings.pooling == "merge"):
+            if not merge_cells:
+                return super().__call__(attn, hidden_states, None, None, temb)
+            matching = bipartite_merge(
+                hidden_states,
+                grid,
+                cell,
+                removed=int(merge_ratio * tokens) if merging else 0,
+                agent_removed=tokens - round(settings.agent_ratio * tokens) if agents_wanted else None,
+                generator=self._generator(),
+            )
+        merged = matching.merge(hidden_states) if merging else hidden_states
+        agents = None
+        if agents_wanted:
+            if settings.pooling == "merge":
+                agents = matching.agents(hidden_states)
+            else:
+                agents, _ = grid_pool(hidden_states, grid, pooled_grid(grid, settings.agent_ratio))
+            # AgentSD's rule: agents only where they are fewer than half the (merged) tokens.
+            if 2 * agents.shape[1] >= merged.shape[1]:
+                agents = None
+        self._agent_inputs = None if agents is None else (attn, agents)
+        try:
+            out = super().__call__(attn, merged, None, None, temb)
+        finally:
+            self._agent_inputs = None
+        return matching.unmerge(out) if merging else out
+
+    def attend(self, query, key, value, attention_mask, call: AttentionCall):
+        if self._agent_inputs is None or call.kind != "self":
+            return super().attend(query, key, value, attention_mask, call)
+        attn, agent_states = self._agent_inputs
+        agents = attn.to_q(agent_states).unflatten(-1, (attn.heads, -1))
+        if attn.norm_q is not None:
+            agents = attn.norm_q(agents)
+        scale, agent_scale = self._scales(query.shape[-1])
+        return agent_attention(
+            query, key, value, agents, scale=scale, agent_scale=agent_scale, shortcut=self.settings.shortcut
+        )
+
+    def _generator(self) -> torch.Generator | None:
+        if self.settings.seed is None:
+            return None
+        step = self.context.step
+        position = -1 if step is None else step.step_index if step.step_index is not None else round(step.timestep)
+        digest = hashlib.blake2b(f"{self.settings.seed}/{position}/{self.layer}".encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+class _AgentJointAttend(_AgentSchedule, JointVisualAttend):
+    """Grid-pooled agents for the visual queries of FLUX / HunyuanVideo joint attention; text stays exact."""
+
+    def _visual_plan(self, call: AttentionCall):
+        if not self._agent_phase():
+            return None
+        grid = self._visual_grid(call.visual_tokens, "agent")
+        pooled = pooled_grid(grid, self.settings.agent_ratio)
+        if 2 * torch.Size(pooled).numel() >= call.visual_tokens:
+            return None
+        return grid, pooled
+
+    def _visual_attention(self, query, key, value, text_key, text_value, text_mask, plan):
+        grid, pooled = plan
+        agents, log_counts = grid_pool(query, grid, pooled)
+        scale, agent_scale = self._scales(query.shape[-1])
+        return agent_attention(
+            query,
+            key,
+            value,
+            agents,
+            scale=scale,
+            agent_scale=agent_scale,
+            shortcut=self.settings.shortcut,
+            extra_key=text_key,
+            extra_value=text_value,
+            extra_mask=text_mask,
+            agent_log_counts=None if text_key is None else log_counts.to(query.device),
+        )
+
+
+class AgentFluxAttnProcessor(_AgentJointAttend, DenseFluxAttnProcessor):
+    """Agent attention over FLUX's 2-D image-token grid (text tokens first, exact)."""
+
+
+class AgentHunyuanVideoAttnProcessor(_AgentJointAttend, DenseHunyuanVideoAttnProcessor):
+    """Agent attention over HunyuanVideo's 3-D video-token grid (text tokens last, exact, padded keys masked)."""

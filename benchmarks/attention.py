@@ -18,17 +18,14 @@ results go to ``benchmarks/results/attention-<suite>/`` as JSON and PNG.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import device_name, median_seconds, save_results
 
 import accel
 from accel import metrics
@@ -47,18 +44,6 @@ GPU_SHAPES = [
     ("HunyuanVideo 30x48x80 w18x24x24 s16x8x8", (30, 48, 80), (18, 24, 24), (16, 8, 8), 24, 128),
     *CPU_SHAPES,
 ]
-
-
-def _median_seconds(fn, repeats: int, sync) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        tick = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - tick)
-    return statistics.median(times)
 
 
 def _measure_shape(name, grid, kernel, stride, heads, dim, device, dtype, repeats, sync) -> dict:
@@ -82,8 +67,8 @@ def _measure_shape(name, grid, kernel, stride, heads, dim, device, dtype, repeat
             return neighborhood_attention_tiled(q, k, v, hood)
 
         path = "torch tiled SDPA"
-    dense_s = _median_seconds(dense, repeats, sync)
-    sparse_s = _median_seconds(sparse, repeats, sync)
+    dense_s = median_seconds(dense, repeats, sync)
+    sparse_s = median_seconds(sparse, repeats, sync)
     gather_s = None
     if device == "cpu":
         # The torch path copies each tile's queries and key box out of the row-major sequence (the permutation
@@ -97,7 +82,7 @@ def _measure_shape(name, grid, kernel, stride, heads, dim, device, dtype, repeat
                 v[:, plan.key_index.reshape(-1)],
             )
 
-        gather_s = _median_seconds(gather, repeats, sync)
+        gather_s = median_seconds(gather, repeats, sync)
     density = hood.density()
     speedup = dense_s / sparse_s
     row = {
@@ -135,7 +120,7 @@ def run_ops(args) -> dict:
         _measure_shape(name, grid, kernel, stride, heads, dim, device, dtype, args.repeats, sync)
         for name, grid, kernel, stride, heads, dim in shapes
     ]
-    return {"suite": "op", "device": _device_name(device), "dtype": args.dtype, "batch": 1, "rows": rows}
+    return {"suite": "op", "device": device_name(device), "dtype": args.dtype, "batch": 1, "rows": rows}
 
 
 # model, generation size, GNA options, steps for timing
@@ -166,10 +151,10 @@ def run_pipelines(args) -> dict:
             )
             return result.frames if hasattr(result, "frames") else result.images
 
-        unpatched_s = _median_seconds(lambda: call(args.steps, "latent"), args.repeats, lambda: None)
+        unpatched_s = median_seconds(lambda: call(args.steps, "latent"), args.repeats, lambda: None)
         with accel.patched(pipe, "gna", **options):
             processor = next(p for p in pipe.transformer.attn_processors.values() if hasattr(p, "_neighborhoods"))
-            patched_s = _median_seconds(lambda: call(args.steps, "latent"), args.repeats, lambda: None)
+            patched_s = median_seconds(lambda: call(args.steps, "latent"), args.repeats, lambda: None)
             # The step hook forgets the layout after each call; the processor keeps the geometry it used.
             ((grid, hood),) = processor._neighborhoods.items()
             patched_image = np.asarray(call(args.steps, "np"), dtype=np.float32)
@@ -198,19 +183,13 @@ def run_pipelines(args) -> dict:
             flush=True,
         )
         del pipe
-    return {"suite": "pipeline", "device": _device_name("cpu"), "dtype": "per row", "rows": rows}
+    return {"suite": "pipeline", "device": device_name("cpu"), "dtype": "per row", "rows": rows}
 
 
 def _parse(pairs):
     from accel.cli import parse_options
 
     return parse_options(pairs)
-
-
-def _device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"cpu {platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def _plot(result: dict, path: Path) -> None:
@@ -256,10 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     result = run_ops(args) if args.suite == "op" else run_pipelines(args)
     result.update(threads=args.threads, torch=torch.__version__, repeats=args.repeats, argv=sys.argv[1:])
-    out = Path(args.out or f"benchmarks/results/attention-{args.suite}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    _plot(result, out / "speedup.png")
+    save_results(result, args.out or f"benchmarks/results/attention-{args.suite}", _plot, "speedup.png")
     return 0
 
 

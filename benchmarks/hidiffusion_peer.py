@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import device_name, save_results
 
 import accel
 from accel import metrics
@@ -158,11 +157,8 @@ def run(args) -> dict:
                 f"{row['psnr_db_accel_vs_package_same_shifts']:.1f} dB",
                 flush=True,
             )
-    device = f"cpu {platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name()
     return {
-        "device": device,
+        "device": device_name("auto"),
         "dtype": "fp32",
         "torch": torch.__version__,
         "repeats": args.repeats,
@@ -207,10 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    _plot(result, out / "speedup.png")
+    save_results(result, args.out, _plot, "speedup.png")
     return 0
 
 

@@ -16,9 +16,9 @@ Writes ``results.json``, ``grid.png`` (samples) and ``quality.png`` (plots) unde
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import device_name
 
 import accel
 from accel import metrics
@@ -94,7 +95,8 @@ def evaluate(args) -> dict:
     options = parse_options(args.option)
     prompts = [(group, p) for group in args.groups for p in PROMPTS[group][: args.prompts_per_group]]
     seeds = [args.seed + k for k in range(args.images_per_prompt)]
-    sides = ["unpatched"] if args.method == "none" else ["unpatched", args.method]
+    methods = [m for m in args.method if m != "none"]
+    sides = ["unpatched", *methods]
     rng = np.random.default_rng(args.seed)
 
     records, samples = [], {}
@@ -106,11 +108,8 @@ def evaluate(args) -> dict:
             outputs, seconds = {}, {}
             for side in sides:
                 tick = time.perf_counter()
-                if side == "unpatched":
+                with _patched(pipe, side, options):
                     outputs[side] = generate(pipe, prompt, seeds, size, args.steps, args.guidance)
-                else:
-                    with accel.patched(pipe, args.method, **options):
-                        outputs[side] = generate(pipe, prompt, seeds, size, args.steps, args.guidance)
                 seconds[side] = time.perf_counter() - tick
             for k, seed in enumerate(seeds):
                 record = {"scale": scale, "size": size, "group": group, "prompt": prompt, "seed": seed}
@@ -124,9 +123,9 @@ def evaluate(args) -> dict:
                         "found": [f"{d.colour} {d.shape}" for d in result.detections],
                         "seconds_per_image": seconds[side] / len(seeds),
                     }
-                if len(sides) == 2:
-                    a, b = outputs["unpatched"][k], outputs[args.method][k]
-                    record["fidelity"] = {
+                for method in methods:
+                    a, b = outputs["unpatched"][k], outputs[method][k]
+                    record.setdefault("fidelity", {})[method] = {
                         "psnr_db": metrics.psnr(a, b),
                         "ssim": ssim(a, b),
                         "sqnr_db": metrics.sqnr(a, b),
@@ -136,9 +135,9 @@ def evaluate(args) -> dict:
     summary = summarise(records, sides)
     result = {
         "model": args.model,
-        "method": args.method,
+        "method": methods[0] if len(methods) == 1 else methods or "none",
         "options": options,
-        "device": _device_name(),
+        "device": device_name("auto"),
         "dtype": str(pipe.unet.dtype),
         "steps": args.steps,
         "guidance_scale": args.guidance,
@@ -160,6 +159,25 @@ def evaluate(args) -> dict:
     return result
 
 
+@contextlib.contextmanager
+def _patched(pipe, side: str, options: dict):
+    """The pipeline as ``side`` runs it: unpatched, an accel method (with ``options``), or the peer tomesd."""
+    if side == "unpatched":
+        yield
+    elif side == "tomesd":
+        import tomesd
+
+        # tomesd's README defaults (ratio 0.5, 2x2 cells, the top UNet level only).
+        tomesd.apply_patch(pipe, ratio=0.5)
+        try:
+            yield
+        finally:
+            tomesd.remove_patch(pipe)
+    else:
+        with accel.patched(pipe, side, **options):
+            yield
+
+
 def summarise(records: list[dict], sides: list[str]) -> dict:
     summary: dict = {}
     for scale in sorted({r["scale"] for r in records}):
@@ -175,10 +193,12 @@ def summarise(records: list[dict], sides: list[str]) -> dict:
                     "colour_duplication_rate": float(np.mean([r[side]["colour_duplicates"] > 0 for r in chosen])),
                     "seconds_per_image": float(np.mean([r[side]["seconds_per_image"] for r in chosen])),
                 }
-            if "fidelity" in chosen[0]:
+            for method in chosen[0].get("fidelity", {}):
                 for key in ("psnr_db", "ssim", "sqnr_db"):
-                    values = [r["fidelity"][key] for r in chosen]
-                    entry.setdefault("fidelity", {})[key] = float(np.mean(np.minimum(values, 1e9)))
+                    values = [r["fidelity"][method][key] for r in chosen]
+                    entry.setdefault("fidelity", {}).setdefault(method, {})[key] = float(
+                        np.mean(np.minimum(values, 1e9))
+                    )
             summary.setdefault(f"{scale}x", {})[group] = entry
     return summary
 
@@ -193,8 +213,8 @@ def _print_summary(summary: dict, sides: list[str], result: dict) -> None:
             f"{side} colour dup",
             f"{side} s/img",
         ]
-    if len(sides) == 2:
-        header += ["PSNR dB", "SSIM", "SQNR dB"]
+    for side in sides[1:]:
+        header += [f"{side} PSNR dB", f"{side} SSIM", f"{side} SQNR dB"]
     rows = []
     for scale, groups in summary.items():
         for group, entry in groups.items():
@@ -208,8 +228,8 @@ def _print_summary(summary: dict, sides: list[str], result: dict) -> None:
                     f"{s['colour_duplication_rate']:.2f}",
                     f"{s['seconds_per_image']:.2f}",
                 ]
-            if "fidelity" in entry:
-                f = entry["fidelity"]
+            for side in sides[1:]:
+                f = entry["fidelity"][side]
                 row += [f"{f['psnr_db']:.1f}", f"{f['ssim']:.3f}", f"{f['sqnr_db']:.1f}"]
             rows.append(row)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
@@ -272,16 +292,16 @@ def _uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
 
-def _device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"cpu {platform.machine()} ({os.cpu_count()} cores)"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="shapes-sd")
-    parser.add_argument("--method", default="none", help="registered method, or `none` for the unpatched model only")
+    parser.add_argument(
+        "--method",
+        nargs="+",
+        default=["none"],
+        help="registered methods and/or the peer `tomesd` (pip install tomesd), each against the unpatched model; "
+        "`none` for the unpatched model only",
+    )
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--groups", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
     parser.add_argument("--prompts-per-group", type=int, default=None, help="first K prompts of each group")

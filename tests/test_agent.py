@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from helpers import PeakMemory, generate, model_fingerprint
 
 import accel
+from accel.config import AgentConfig
 from accel.errors import InvalidOptionError
 from accel.kernels.agent import (
     agent_attention,
@@ -19,6 +21,7 @@ from accel.kernels.agent import (
     grid_pool,
     pooled_grid,
 )
+from accel.pipelines.agent import settings_for
 from accel.processors.agent import AgentAttnProcessor, AgentSettings
 from accel.processors.state import LatentLayout, PatchContext, StepState
 
@@ -159,19 +162,8 @@ def _layer(unet):
 
 
 def _settings(**overrides) -> AgentSettings:
-    options = dict(
-        agent_ratio=1 / 16,
-        pooling="merge",
-        agent_steps=0.4,
-        merge_ratio=0.4,
-        late_merge_ratio=0.4,
-        cell=(4, 4),
-        late_cell=(2, 2),
-        scale_exponent=0.3,
-        shortcut=0.075,
-        seed=0,
-    )
-    return AgentSettings(**{**options, **overrides})
+    """The UNet defaults (AgentSD's early-phase recipe), with ``overrides``."""
+    return dataclasses.replace(settings_for(AgentConfig(), "unet"), **overrides)
 
 
 def _context(grid, progress=0.0) -> PatchContext:

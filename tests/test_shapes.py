@@ -134,6 +134,7 @@ def test_quality_benchmark_smoke_run(tmp_path):
         str(REPO / "benchmarks" / "quality.py"),
         "--method",
         "dense",
+        "agent",
         "--groups",
         "single",
         "--prompts-per-group",
@@ -154,7 +155,8 @@ def test_quality_benchmark_smoke_run(tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     assert len(result["images"]) == 2
     entry = result["summary"]["1x"]["all"]
-    assert set(entry) >= {"images", "unpatched", "dense", "fidelity"}
-    # "dense" is exact: the patched images equal the unpatched ones.
-    assert entry["fidelity"]["ssim"] == pytest.approx(1.0)
+    assert set(entry) >= {"images", "unpatched", "dense", "agent", "fidelity"}
+    # "dense" is exact: the patched images equal the unpatched ones; agent attention is not.
+    assert entry["fidelity"]["dense"]["ssim"] == pytest.approx(1.0)
+    assert entry["fidelity"]["agent"]["ssim"] < 1.0
     assert (tmp_path / "grid.png").stat().st_size > 0 and (tmp_path / "quality.png").stat().st_size > 0

@@ -153,10 +153,12 @@ class AgentAttnProcessor(_AgentSchedule, DenseAttnProcessor):
 class _AgentJointAttend(_AgentSchedule, JointVisualAttend):
     """Grid-pooled agents for the visual queries of FLUX / HunyuanVideo joint attention; text stays exact."""
 
+    method = "agent"
+
     def _visual_plan(self, call: AttentionCall):
         if not self._agent_phase():
             return None
-        grid = self._visual_grid(call.visual_tokens, "agent")
+        grid = self._visual_grid(call.visual_tokens)
         pooled = pooled_grid(grid, self.settings.agent_ratio)
         if 2 * torch.Size(pooled).numel() >= call.visual_tokens:
             return None

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from diffusers.utils import logging
 
 from accel.kernels.neighborhood import (
     Neighborhood,
@@ -21,8 +20,6 @@ from accel.kernels.neighborhood import (
 from accel.processors.dense import AttentionCall, DenseFluxAttnProcessor, DenseHunyuanVideoAttnProcessor
 from accel.processors.joint import JointVisualAttend
 from accel.processors.state import PatchContext
-
-logger = logging.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,6 +39,8 @@ DefaultGeometry = Callable[[tuple[int, ...]], tuple[tuple[int, ...], tuple[int, 
 class _NeighborhoodAttend(JointVisualAttend):
     """GNA for the visual queries of FLUX and HunyuanVideo joint attention (mixed in before the dense processor)."""
 
+    method = "gna"
+
     def __init__(
         self,
         context: PatchContext,
@@ -57,7 +56,6 @@ class _NeighborhoodAttend(JointVisualAttend):
         self.dense_steps = dense_steps
         self.backend = backend
         self._neighborhoods: dict[tuple[int, ...], Neighborhood] = {}
-        self._warned_no_schedule = False
 
     def _visual_plan(self, call: AttentionCall) -> Neighborhood | None:
         if self._dense_step():
@@ -94,24 +92,8 @@ class _NeighborhoodAttend(JointVisualAttend):
                 return "triton"
         return "torch"
 
-    def _dense_step(self) -> bool:
-        if not self.dense_steps:
-            return False
-        step = self.context.step if self.context is not None else None
-        if step is None or step.step_index is None:
-            if not self._warned_no_schedule:
-                logger.warning(
-                    "gna: dense_steps=%d is ignored for %s: the model was patched without its pipeline, so the "
-                    "step index is unknown; patch the pipeline instead",
-                    self.dense_steps,
-                    self.layer,
-                )
-                self._warned_no_schedule = True
-            return False
-        return step.step_index < self.dense_steps
-
     def _neighborhood(self, visual_tokens: int) -> Neighborhood:
-        grid = self._visual_grid(visual_tokens, "gna")
+        grid = self._visual_grid(visual_tokens)
         cached = self._neighborhoods.get(grid)
         if cached is None:
             default_kernel, default_stride = self.default_geometry(grid)

@@ -11,12 +11,19 @@ from __future__ import annotations
 import math
 
 import torch
+from diffusers.utils import logging
 
 from accel.processors.dense import AttentionCall
+
+logger = logging.get_logger(__name__)
 
 
 class JointVisualAttend:
     """Mixed in before a dense FLUX / HunyuanVideo processor; subclasses define the two hooks below."""
+
+    method = ""  # the method's registry name, for messages
+    dense_steps = 0  # the first denoising steps run dense
+    _warned_no_schedule = False
 
     # Key of the per-call text padding mask in the patch context's scratch space (shared by a call's layers).
     _TEXT_MASK_KEY = "joint_text_mask"
@@ -52,13 +59,31 @@ class JointVisualAttend:
         parts = [text_out, visual_out] if call.text_first else [visual_out, text_out]
         return torch.cat([part.to(query.dtype) for part in parts], dim=1)
 
-    def _visual_grid(self, visual_tokens: int, method: str) -> tuple[int, ...]:
+    def _dense_step(self) -> bool:
+        """Whether this call falls in the first ``dense_steps`` steps (known only when a pipeline was patched)."""
+        if not self.dense_steps:
+            return False
+        step = self.context.step if self.context is not None else None
+        if step is None or step.step_index is None:
+            if not self._warned_no_schedule:
+                logger.warning(
+                    "%s: dense_steps=%d is ignored for %s: the model was patched without its pipeline, so the "
+                    "step index is unknown; patch the pipeline instead",
+                    self.method,
+                    self.dense_steps,
+                    self.layer,
+                )
+                self._warned_no_schedule = True
+            return False
+        return step.step_index < self.dense_steps
+
+    def _visual_grid(self, visual_tokens: int) -> tuple[int, ...]:
         layout = self.context.layout if self.context is not None else None
         grid = None if layout is None else layout.grid
         if grid is None or math.prod(grid) != visual_tokens:
             raise RuntimeError(
-                f"{method}: {self.layer} received {visual_tokens} visual tokens but the recorded token grid is {grid}; "
-                f"{method} needs the grid (FLUX img_ids / HunyuanVideo latent shape) of the denoiser call"
+                f"{self.method}: {self.layer} received {visual_tokens} visual tokens but the recorded token grid is "
+                f"{grid}; {self.method} needs the grid (FLUX img_ids / HunyuanVideo latent shape) of the denoiser call"
             )
         return grid
 

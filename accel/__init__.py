@@ -9,7 +9,7 @@ accel.unpatch(pipe)                       # restored bit for bit
 
 from accel import builtin as _builtin  # noqa: F401  (registers the built-in methods)
 from accel.api import PatchHandle, get_patch, patch, patched, unpatch
-from accel.config import AgentConfig, DenseConfig, GNAConfig, HiDiffusionConfig, MethodConfig
+from accel.config import AgentConfig, DenseConfig, GNAConfig, HiDiffusionConfig, MethodConfig, VMoBAConfig
 from accel.errors import (
     AccelError,
     InvalidOptionError,
@@ -39,6 +39,7 @@ __all__ = [
     "PipelineNotFoundError",
     "UnknownMethodError",
     "UnsupportedModelError",
+    "VMoBAConfig",
     "get_patch",
     "load_pipeline",
     "methods",

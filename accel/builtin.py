@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from accel.config import AgentConfig, DenseConfig, GNAConfig, HiDiffusionConfig
+from accel.config import AgentConfig, DenseConfig, GNAConfig, HiDiffusionConfig, VMoBAConfig
 from accel.errors import InvalidOptionError, UnsupportedModelError
 from accel.plan import PatchPlan
 from accel.registry import register_method
@@ -107,3 +107,32 @@ def apply_agent(plan: PatchPlan, config: AgentConfig) -> None:
     processor_class = agent.PROCESSORS[family]
     for site in sites:
         plan.set_processor(site, processor_class(context=plan.context, layer=site.name, settings=settings))
+
+
+@register_method(VMoBAConfig, families=("flux", "hunyuanvideo"))
+def apply_vmoba(plan: PatchPlan, config: VMoBAConfig) -> None:
+    from accel.pipelines import vmoba
+
+    family = plan.family.name
+    axes = {"flux": ("rows", "cols"), "hunyuanvideo": ("frames", "rows", "cols")}[family]
+    for shape in config.blocks or ():
+        if len(shape) != len(axes):
+            raise InvalidOptionError(
+                f"vmoba: block {shape} has {len(shape)} sides but {family} token grids have {len(axes)} "
+                f"({', '.join(axes)}); give one side per axis, None for a whole axis"
+            )
+    processor_class = vmoba.PROCESSORS[family]
+    for index, site in enumerate(plan.select(config)):
+        if config.blocks is None:
+            block_shape = vmoba.default_block_shape(family, index)
+        else:
+            block_shape = vmoba.configured_block_shape(config.blocks, index)
+        processor = processor_class(
+            context=plan.context,
+            layer=site.name,
+            block_shape=block_shape,
+            threshold=config.threshold,
+            dense_steps=config.dense_steps,
+            backend=config.backend,
+        )
+        plan.set_processor(site, processor)

@@ -307,6 +307,69 @@ class AgentConfig(MethodConfig):
             raise InvalidOptionError(f"agent: seed={self.seed!r} must be an int or None")
 
 
+VMOBA_BACKENDS = ("auto", "torch", "reference")
+
+
+@dataclass(kw_only=True)
+class VMoBAConfig(MethodConfig):
+    r"""VMoBA: mixture-of-block sparse attention for HunyuanVideo video tokens and FLUX image tokens, training-free.
+
+    Keys are cut into blocks of the token grid, each represented by its mean key. Per head, every (query, block)
+    gate ``q · mean_k`` is min-max normalised over the whole head; each query keeps its own block and the other
+    (query, block) pairs are kept in decreasing order until they hold ``threshold`` of the head's total ("global"
+    selection). Queries attend the tokens of their kept blocks plus every text token; text queries attend
+    everything.
+
+    Args:
+        threshold (`float`, defaults to `0.25`):
+            τ, the share of the normalised gate mass to keep, in (0, 1]. ``1`` keeps every block (dense attention).
+        blocks (`list`, *optional*):
+            Block shapes cycled over the patched layers (layer ``i`` uses ``blocks[i % len(blocks)]``); one side per
+            grid axis, ``None`` for the whole axis, e.g. ``[(2, None, None), (None, 4, 4), (2, 4, 4)]`` for
+            HunyuanVideo's 1-D (frames), 2-D (patches through all frames) and 3-D (cubes) partitions. ``None``:
+            scaled from VMoBA's Wan settings to the grid of each call: HunyuanVideo cycles frames (a tenth of them
+            per block), patches (a tenth of the rows x a thirteenth of the columns) and cubes (a fifth x a fifth x a
+            thirteenth); FLUX uses 16 x 16 blocks over the image (a sixteenth of each side each).
+        dense_steps (`int`, defaults to `0`):
+            The first denoising steps run dense (VMoBA's recipe keeps 12 of 50).
+        backend (`str`, defaults to `"auto"`):
+            ``"torch"`` (queries grouped by block, one SDPA per group over the union of its blocks), ``"reference"``
+            (explicit mask, small sizes only); ``"auto"``: torch. The Triton kernel is not wired for VMoBA yet.
+        layers (`str`, *optional*): see `MethodConfig`.
+    """
+
+    name: ClassVar[str] = "vmoba"
+
+    threshold: float = 0.25
+    blocks: list[tuple[int | None, ...]] | None = None
+    dense_steps: int = 0
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not _is_number(self.threshold) or not 0.0 < self.threshold <= 1.0:
+            raise InvalidOptionError(
+                f"vmoba: threshold={self.threshold!r} must be a share of the gate mass in (0, 1] (1 is dense)"
+            )
+        if self.blocks is not None:
+            shapes = self.blocks if isinstance(self.blocks, list | tuple) else None
+            if not shapes or not all(isinstance(shape, list | tuple) and shape for shape in shapes):
+                raise InvalidOptionError(
+                    f"vmoba: blocks={self.blocks!r} must be a non-empty list of block shapes, one side per grid axis, "
+                    "e.g. [(2, None, None), (None, 4, 4)]"
+                )
+            for shape in shapes:
+                if not all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1) for v in shape):
+                    raise InvalidOptionError(
+                        f"vmoba: block {tuple(shape)!r} must hold positive ints or None (the whole axis)"
+                    )
+            self.blocks = [tuple(shape) for shape in shapes]
+        if not isinstance(self.dense_steps, int) or isinstance(self.dense_steps, bool) or self.dense_steps < 0:
+            raise InvalidOptionError(f"vmoba: dense_steps={self.dense_steps!r} must be a non-negative int")
+        if self.backend not in VMOBA_BACKENDS:
+            raise InvalidOptionError(f"vmoba: backend={self.backend!r} must be one of {', '.join(VMOBA_BACKENDS)}")
+
+
 def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 

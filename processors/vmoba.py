@@ -1,0 +1,67 @@
+"""VMoBA processors for FLUX and HunyuanVideo joint attention: block-sparse visual queries, exact text."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from accel.kernels.vmoba import (
+    BlockPartition,
+    block_attention_grouped,
+    block_attention_reference,
+    block_partition,
+    select_blocks,
+)
+from accel.processors.dense import AttentionCall, DenseFluxAttnProcessor, DenseHunyuanVideoAttnProcessor
+from accel.processors.joint import JointVisualAttend
+from accel.processors.state import PatchContext
+
+# grid -> this layer's block shape (one side per axis, None for the whole axis)
+BlockShape = Callable[[tuple[int, ...]], tuple[int | None, ...]]
+
+
+class _BlockAttend(JointVisualAttend):
+    """VMoBA for the visual queries of joint attention (mixed in before the dense processor)."""
+
+    method = "vmoba"
+
+    def __init__(
+        self,
+        context: PatchContext,
+        layer: str,
+        block_shape: BlockShape,
+        threshold: float,
+        dense_steps: int = 0,
+        backend: str = "auto",
+    ):
+        super().__init__(context=context, layer=layer)
+        self.block_shape = block_shape
+        self.threshold = threshold
+        self.dense_steps = dense_steps
+        self.backend = backend
+
+    def _visual_plan(self, call: AttentionCall) -> BlockPartition | None:
+        # Every block kept is dense attention: skip the selection and its rounding differences.
+        if self.threshold >= 1.0 or self._dense_step():
+            return None
+        grid = self._visual_grid(call.visual_tokens)
+        try:
+            partition = block_partition(grid, self.block_shape(grid))
+        except ValueError as error:
+            raise ValueError(f"vmoba: {self.layer} at token grid {grid}: {error}") from None
+        return None if partition.num_blocks == 1 else partition
+
+    def _visual_attention(self, query, key, value, text_key, text_value, text_mask, partition):
+        selected = select_blocks(query, key, partition, self.threshold)
+        attend = block_attention_reference if self.backend == "reference" else block_attention_grouped
+        return attend(query, key, value, partition, selected, text_key, text_value, text_mask)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layer={self.layer!r}, threshold={self.threshold})"
+
+
+class VMoBAFluxAttnProcessor(_BlockAttend, DenseFluxAttnProcessor):
+    """VMoBA over FLUX's 2-D image-token grid (text tokens first, exact)."""
+
+
+class VMoBAHunyuanVideoAttnProcessor(_BlockAttend, DenseHunyuanVideoAttnProcessor):
+    """VMoBA over HunyuanVideo's 3-D video-token grid (text tokens last, exact, padded keys masked)."""

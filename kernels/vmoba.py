@@ -10,8 +10,8 @@ extra (text) keys. ``threshold >= 1`` keeps every block: dense attention.
 Tensors are ``[B, S, H, D]`` with the grid flattened row-major. Three implementations share the selection:
 
 - ``block_attention_reference``: an explicit ``[S, S]`` mask, the truth for tests at small sizes;
-- ``block_attention_grouped``: the CPU path: queries grouped by their own block, each group attending the union of
-  the blocks its queries kept (one batched SDPA per chunk of groups, a block-level mask inside the union);
+- ``block_attention_sparse``: the CPU path: for every (head, key block) the queries that kept it attend its tokens
+  (batched SDPA with log-sum-exp per chunk of blocks), and the partial results are merged by log-sum-exp;
 - the Triton block-sparse kernel is the GPU path still to come (it needs per-query block masks).
 """
 
@@ -141,17 +141,52 @@ def _threshold_selection(gate: torch.Tensor, own: torch.Tensor, threshold: float
     total = normalised.sum(dim=(1, 2))
     own_share = (normalised * own).sum(dim=(1, 2))
     needed = threshold * total - own_share  # [G]
-    # Own blocks sort last (-1) and are never counted among the others.
+    # Own blocks are marked -1 and never counted among the others.
     others = normalised.masked_fill(own, -1.0).reshape(groups, -1)
-    ranked, order = torch.sort(others, dim=1, descending=True, stable=True)
-    reached = ranked.clamp_min(0).cumsum(dim=1)
-    # Smallest k with the first k others reaching what is needed (0 when the own blocks already suffice).
-    count = (reached < needed[:, None]).sum(dim=1) + 1
-    count = torch.where(needed > 0, count, torch.zeros_like(count))
-    count = torch.minimum(count, (~own).sum().expand_as(count))
-    taken = torch.arange(others.shape[1], device=gate.device)[None] < count[:, None]
-    chosen = torch.zeros_like(taken).scatter_(1, order, taken)
-    return chosen.view_as(gate) | own
+    return _take_largest_until(others, needed).view_as(gate) | own
+
+
+_BINS = 1024
+
+
+def _take_largest_until(values: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
+    """Per row, the fewest largest non-negative values (ties: lower index first) whose sum reaches ``needed``.
+
+    Same result as sorting each row, without sorting it: values in [0, 1] are binned, the bin where the running sum
+    from the top crosses ``needed`` is found from per-bin sums, every value above it is taken and only the values
+    inside that bin are sorted.
+    """
+    rows, width = values.shape
+    device = values.device
+    valid = values >= 0
+    bucket = torch.where(
+        valid, (values * _BINS).long().clamp(max=_BINS - 1), torch.full_like(values, -1, dtype=torch.long)
+    )
+    flat_bucket = (torch.arange(rows, device=device)[:, None] * _BINS + bucket)[valid]
+    sums = torch.zeros(rows * _BINS, dtype=values.dtype, device=device).index_add_(0, flat_bucket, values[valid])
+    from_top = sums.view(rows, _BINS).flip(1).cumsum(1).flip(1)  # sum of the bins >= b
+    # The crossing bin: the highest bin whose running sum from the top reaches what is needed (-1: never, take all;
+    # _BINS: nothing is needed).
+    crossing = (from_top >= needed[:, None]).sum(dim=1) - 1
+    crossing = torch.where(needed > 0, crossing, torch.full_like(crossing, _BINS))
+    taken = bucket > crossing[:, None]
+    # Inside the crossing bin, take values in decreasing order while the sum stays short of what is needed.
+    above = torch.cat([from_top, torch.zeros(rows, 1, dtype=values.dtype, device=device)], dim=1)
+    remaining = needed - torch.gather(above, 1, (crossing + 1).clamp(0, _BINS)[:, None])[:, 0]
+    row, column = (bucket == crossing[:, None]).nonzero(as_tuple=True)
+    if row.numel():
+        candidates = values[row, column]
+        by_value = torch.argsort(candidates, descending=True, stable=True)
+        order = by_value[torch.argsort(row[by_value], stable=True)]
+        row, column, candidates = row[order], column[order], candidates[order]
+        running = candidates.cumsum(0)
+        counts = torch.bincount(row, minlength=rows)
+        start = torch.cumsum(counts, 0) - counts
+        before_row = torch.where(start > 0, running[(start - 1).clamp_min(0)], torch.zeros_like(running[:1]))
+        sum_before = running - candidates - before_row[row]
+        keep = sum_before < remaining[row]
+        taken[row[keep], column[keep]] = True
+    return taken
 
 
 def block_attention_reference(
@@ -178,7 +213,7 @@ def block_attention_reference(
     return out.transpose(1, 2).to(query.dtype)
 
 
-def block_attention_grouped(
+def block_attention_sparse(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -189,73 +224,104 @@ def block_attention_grouped(
     extra_mask: torch.Tensor | None = None,
     max_chunk_bytes: int = 256 * 2**20,
 ) -> torch.Tensor:
-    """The CPU path: per (batch, head, query block), one SDPA over the union of the blocks its queries kept.
+    """The CPU path: per (batch, head, key block), the queries that kept it attend its tokens; partial results are
+    merged by log-sum-exp, so the work follows the kept (query, block) pairs exactly.
 
-    Groups are ordered by union size and processed in chunks (keys padded to the chunk's largest union) so that the
-    gathered keys, values and masks stay under ``max_chunk_bytes``.
+    Units are ordered by how many queries kept them and processed in chunks (queries padded to the chunk's largest
+    unit) so that the gathered tensors stay under ``max_chunk_bytes``. The extra (text) keys are one more partial
+    result for every query.
     """
     batch, tokens, heads, dim = query.shape
     value_dim = value.shape[-1]
     device = query.device
+    groups = batch * heads
     block_tokens = partition.block_tokens.to(device)  # [C, M]
     blocks, per_block = block_tokens.shape
-    block_of_token = partition.block_of_token.to(device)
 
-    # Which blocks each (batch, head, query block) needs: the union over its queries.
-    query_slots = block_tokens.clamp_min(0)  # [C, M] padded slots repeat a real token and are dropped on output
-    slot_valid = block_tokens >= 0
-    flat_selected = selected.reshape(batch * heads, tokens, blocks)
-    per_query = flat_selected[:, query_slots.flatten()].view(batch * heads, blocks, per_block, blocks)
-    union = (per_query & slot_valid[None, :, :, None]).any(dim=2)  # [G0, C, C]
-    union_sizes = union.sum(dim=-1).flatten()  # [G] with G = B*H*C
-    groups_order = torch.argsort(union_sizes, stable=True)
+    q_heads = query.permute(0, 2, 1, 3).reshape(groups * tokens, dim)
+    k_heads = key.permute(0, 2, 1, 3).reshape(groups * tokens, dim)
+    v_heads = value.permute(0, 2, 1, 3).reshape(groups * tokens, value_dim)
+    merged = _LogSumExpMerge(groups * tokens, value_dim, device)
 
-    q_heads = query.permute(0, 2, 1, 3).reshape(batch * heads * tokens, dim)
-    k_heads = key.permute(0, 2, 1, 3).reshape(batch * heads * tokens, dim)
-    v_heads = value.permute(0, 2, 1, 3).reshape(batch * heads * tokens, value_dim)
-    text_tokens = 0 if extra_key is None else extra_key.shape[1]
-    if text_tokens:
-        text_k = extra_key.permute(0, 2, 1, 3).reshape(batch * heads, text_tokens, dim)
-        text_v = extra_value.permute(0, 2, 1, 3).reshape(batch * heads, text_tokens, value_dim)
-        text_ok = None if extra_mask is None else extra_mask.repeat_interleave(heads, dim=0)  # [B*H, T]
+    by_block = selected.reshape(groups, tokens, blocks).transpose(1, 2)  # [G, C, S]
+    counts = by_block.sum(dim=-1).flatten()  # queries per (group, block) unit
+    pairs = by_block.nonzero()  # (group, block, query), grouped by unit
+    query_of_pair = pairs[:, 2]
+    first_pair = torch.cumsum(counts, 0) - counts
+    units = torch.argsort(counts, stable=True)
+    units = units[counts[units] > 0]
 
-    out = torch.empty(batch * heads * tokens, value_dim, dtype=query.dtype, device=device)
-    # Chunks are sized for the widest union (the last group in the order), so every chunk fits the budget.
-    widest_overall = max(1, int(union_sizes.max()))
-    per_group = per_block * (widest_overall * per_block + text_tokens) * (dim + value_dim + 1) * query.element_size()
-    chunk_groups = max(1, max_chunk_bytes // per_group)
-    for start in range(0, groups_order.numel(), chunk_groups):
-        chunk = groups_order[start : start + chunk_groups]
-        widest = max(1, int(union_sizes[chunk[-1]]))
-        head_group, query_block = chunk // blocks, chunk % blocks  # head_group indexes B*H
-        kept = union.view(-1, blocks)[chunk]  # [g, C]
-        # The kept blocks of each group first (stable order), padded with block 0 (masked out below).
-        rank = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)[:, :widest]
-        rank_valid = torch.gather(kept, 1, rank)
-        key_tokens = block_tokens[rank]  # [g, widest, M]
-        key_valid = (key_tokens >= 0) & rank_valid[..., None]
-        key_tokens = key_tokens.clamp_min(0).flatten(1)
-        key_valid = key_valid.flatten(1)
+    key_valid = block_tokens >= 0
+    key_slots = block_tokens.clamp_min(0)
+    partial_blocks = not bool(key_valid.all())
+    widest = int(counts.max()) if units.numel() else 0
+    per_unit = (widest * (dim + 2 * value_dim) + per_block * (dim + value_dim)) * query.element_size()
+    chunk_units = max(1, max_chunk_bytes // max(per_unit, 1))
+    for first in range(0, units.numel(), chunk_units):
+        chunk = units[first : first + chunk_units]
+        unit_counts = counts[chunk]
+        rows = int(unit_counts[-1])
+        slot = torch.arange(rows, device=device)
+        valid = slot[None] < unit_counts[:, None]  # [U, rows]
+        pair = first_pair[chunk][:, None] + torch.minimum(slot[None], unit_counts[:, None] - 1)
+        base = (chunk // blocks * tokens)[:, None]
+        query_rows = base + query_of_pair[pair]  # [U, rows] rows of q_heads
+        key_rows = base + key_slots[chunk % blocks]  # [U, M]
+        mask = None
+        if partial_blocks:
+            mask = torch.zeros(chunk.numel(), 1, 1, per_block, dtype=query.dtype, device=device)
+            mask = mask.masked_fill(~key_valid[chunk % blocks][:, None, None, :], float("-inf"))
+        out, lse = _attention_with_lse(
+            q_heads[query_rows][:, None], k_heads[key_rows][:, None], v_heads[key_rows][:, None], mask
+        )
+        merged.add(query_rows[valid], out[:, 0][valid], lse[:, 0][valid])
 
-        q_tokens = query_slots[query_block]  # [g, M]
-        base = (head_group * tokens)[:, None]
-        q = q_heads[base + q_tokens]  # [g, M, D]
-        k = k_heads[base + key_tokens]
-        v = v_heads[base + key_tokens]
-        # Each query attends the tokens of the blocks it kept itself (a subset of its group's union).
-        query_keeps = flat_selected[head_group[:, None], q_tokens]  # [g, M, C]
-        mask = torch.gather(query_keeps, 2, block_of_token[key_tokens][:, None, :].expand(-1, per_block, -1))
-        mask = mask & key_valid[:, None, :]
-        if text_tokens:
-            k = torch.cat([k, text_k[head_group]], dim=1)
-            v = torch.cat([v, text_v[head_group]], dim=1)
-            text_mask = (
-                torch.ones(chunk.numel(), text_tokens, dtype=torch.bool, device=device)
-                if text_ok is None
-                else text_ok[head_group]
-            )
-            mask = torch.cat([mask, text_mask[:, None, :].expand(-1, per_block, -1)], dim=2)
-        result = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=mask[:, None])[:, 0]
-        valid_slots = slot_valid[query_block]
-        out[(base + q_tokens)[valid_slots]] = result[valid_slots].to(out.dtype)
-    return out.view(batch, heads, tokens, value_dim).transpose(1, 2)
+    if extra_key is not None:
+        text = extra_key.shape[1]
+        mask = None
+        if extra_mask is not None:
+            mask = torch.zeros(batch, 1, 1, text, dtype=query.dtype, device=device)
+            mask = mask.masked_fill(~extra_mask[:, None, None, :], float("-inf"))
+        out, lse = _attention_with_lse(
+            query.transpose(1, 2), extra_key.transpose(1, 2), extra_value.transpose(1, 2), mask
+        )  # [B, H, S, Dv], [B, H, S]
+        merged.add(torch.arange(groups * tokens, device=device), out.reshape(-1, value_dim), lse.reshape(-1))
+    return merged.result().to(query.dtype).view(batch, heads, tokens, value_dim).transpose(1, 2)
+
+
+def _attention_with_lse(query, key, value, mask):
+    """``[N, H, Sq, D]`` attention and its ``[N, H, Sq]`` log-sum-exp (a fused kernel on CPU, explicit elsewhere)."""
+    if query.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, False, attn_mask=mask
+        )
+    scores = (query.float() @ key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores + mask.float()
+    lse = torch.logsumexp(scores, dim=-1)
+    return (torch.exp(scores - lse[..., None]) @ value.float()).to(query.dtype), lse
+
+
+class _LogSumExpMerge:
+    """Accumulates partial attention results ``(out, lse)`` per row into the softmax over all their keys."""
+
+    def __init__(self, rows: int, dim: int, device: torch.device):
+        self.peak = torch.full((rows,), float("-inf"), device=device)
+        self.weight = torch.zeros(rows, device=device)
+        self.total = torch.zeros(rows, dim, device=device)
+
+    def add(self, rows: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+        lse = lse.float()
+        peak = self.peak.scatter_reduce(0, rows, lse, reduce="amax")
+        # Rows without earlier partial results have nothing to rescale (and -inf - -inf would be NaN).
+        seen = torch.isfinite(self.peak)
+        rescale = torch.where(seen, torch.exp(self.peak - torch.where(seen, peak, self.peak)), 1.0)
+        self.weight.mul_(rescale)
+        self.total.mul_(rescale[:, None])
+        share = torch.exp(lse - peak[rows])
+        self.weight.index_add_(0, rows, share)
+        self.total.index_add_(0, rows, out.float() * share[:, None])
+        self.peak = peak
+
+    def result(self) -> torch.Tensor:
+        return self.total / self.weight[:, None]

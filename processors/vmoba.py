@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 from accel.kernels.vmoba import (
     BlockPartition,
-    block_attention_grouped,
     block_attention_reference,
+    block_attention_sparse,
     block_partition,
     select_blocks,
 )
@@ -52,7 +52,7 @@ class _BlockAttend(JointVisualAttend):
 
     def _visual_attention(self, query, key, value, text_key, text_value, text_mask, partition):
         selected = select_blocks(query, key, partition, self.threshold)
-        attend = block_attention_reference if self.backend == "reference" else block_attention_grouped
+        attend = block_attention_reference if self.backend == "reference" else block_attention_sparse
         return attend(query, key, value, partition, selected, text_key, text_value, text_mask)
 
     def __repr__(self) -> str:

@@ -1,4 +1,4 @@
-"""VMoBA: partitions, the global threshold selection vs brute force, the grouped path vs the explicit mask, pipelines."""
+"""VMoBA: partitions, the global threshold selection vs brute force, the sparse path vs the explicit mask, pipelines."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from helpers import generate, model_fingerprint
 import accel
 from accel.errors import InvalidOptionError
 from accel.kernels.vmoba import (
-    block_attention_grouped,
     block_attention_reference,
+    block_attention_sparse,
     block_means,
     block_partition,
     select_blocks,
@@ -118,7 +118,7 @@ def test_selection_keeps_own_blocks_and_grows_with_the_threshold():
 
 @pytest.mark.parametrize(("grid", "block"), PARTITIONS)
 @pytest.mark.parametrize("text", ["none", "text", "padded text"])
-def test_grouped_path_equals_the_explicit_mask(grid, block, text):
+def test_sparse_path_equals_the_explicit_mask(grid, block, text):
     generator = torch.Generator().manual_seed(11)
     tokens = math.prod(grid)
     q, k, v = (torch.randn(2, tokens, 3, 8, generator=generator) for _ in range(3))
@@ -131,7 +131,7 @@ def test_grouped_path_equals_the_explicit_mask(grid, block, text):
     selected = select_blocks(q, k, partition, 0.3)
     reference = block_attention_reference(q, k, v, partition, selected, **extra)
     # A small budget forces several chunks of groups.
-    ours = block_attention_grouped(q, k, v, partition, selected, max_chunk_bytes=30_000, **extra)
+    ours = block_attention_sparse(q, k, v, partition, selected, max_chunk_bytes=30_000, **extra)
     assert (ours - reference).abs().max() <= 1e-5
 
 
@@ -140,7 +140,7 @@ def test_threshold_one_is_dense_attention():
     partition = block_partition((4, 4, 6), (2, 2, 3))
     selected = select_blocks(q, k, partition, 1.0)
     dense = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-    assert (block_attention_grouped(q, k, v, partition, selected) - dense).abs().max() <= 1e-6
+    assert (block_attention_sparse(q, k, v, partition, selected) - dense).abs().max() <= 1e-6
 
 
 def test_default_blocks_cycle_frames_patches_and_cubes():

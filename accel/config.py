@@ -329,7 +329,8 @@ class VMoBAConfig(MethodConfig):
             HunyuanVideo's 1-D (frames), 2-D (patches through all frames) and 3-D (cubes) partitions. ``None``:
             scaled from VMoBA's Wan settings to the grid of each call: HunyuanVideo cycles frames (a tenth of them
             per block), patches (a tenth of the rows x a thirteenth of the columns) and cubes (a fifth x a fifth x a
-            thirteenth); FLUX uses 16 x 16 blocks over the image (a sixteenth of each side each).
+            thirteenth); FLUX uses blocks of a sixteenth of each side. Blocks under 1024 tokens are grown to about
+            that (tiny blocks cost more than they save); a grid smaller than one block runs dense.
         dense_steps (`int`, defaults to `0`):
             The first denoising steps run dense (VMoBA's recipe keeps 12 of 50).
         backend (`str`, defaults to `"auto"`):

@@ -14,15 +14,28 @@ _VIDEO_CYCLE = ((10, None, None), (None, 10, 13), (5, 5, 13))
 _IMAGE_CYCLE = ((16, 16),)
 
 
+# Blocks smaller than this are grown (their bounded sides scaled alike): tiny blocks make every query be gathered for
+# many blocks on CPU and leave GPU tiles half empty, and VMoBA's own kernel pays only with large blocks.
+MIN_BLOCK_TOKENS = 1024
+
+
 def default_block_shape(family: str, layer_index: int):
     """The block shape (a function of the grid) of the ``layer_index``-th patched layer when none is configured."""
     cycle = _VIDEO_CYCLE if family == "hunyuanvideo" else _IMAGE_CYCLE
     counts = cycle[layer_index % len(cycle)]
 
     def shape(grid: tuple[int, ...]) -> tuple[int | None, ...]:
-        return tuple(
-            None if count is None else math.ceil(side / count) for side, count in zip(grid, counts, strict=True)
-        )
+        sides = [side if count is None else math.ceil(side / count) for side, count in zip(grid, counts, strict=True)]
+        bounded = [axis for axis, count in enumerate(counts) if count is not None]
+        for _ in range(4):
+            tokens = math.prod(sides)
+            growable = [axis for axis in bounded if sides[axis] < grid[axis]]
+            if tokens >= MIN_BLOCK_TOKENS or not growable:
+                break
+            factor = (MIN_BLOCK_TOKENS / tokens) ** (1 / len(growable))
+            for axis in growable:
+                sides[axis] = min(grid[axis], math.ceil(sides[axis] * factor))
+        return tuple(None if count is None else side for side, count in zip(sides, counts, strict=True))
 
     return shape
 

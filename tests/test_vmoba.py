@@ -146,11 +146,16 @@ def test_threshold_one_is_dense_attention():
 def test_default_blocks_cycle_frames_patches_and_cubes():
     grid = (30, 48, 80)
     shapes = [default_block_shape("hunyuanvideo", index)(grid) for index in range(4)]
-    assert shapes == [(3, None, None), (None, 5, 7), (6, 10, 7), (3, None, None)]
-    assert default_block_shape("flux", 5)((256, 256)) == (16, 16)
+    # A tenth of the frames; a tenth x a thirteenth of rows x cols; cubes grown to at least 1024 tokens.
+    assert shapes == [(3, None, None), (None, 5, 7), (9, 14, 10), (3, None, None)]
+    assert default_block_shape("flux", 5)((256, 256)) == (32, 32)
+    # Grids smaller than a block are one block: dense attention.
+    assert default_block_shape("hunyuanvideo", 2)((3, 8, 8)) == (3, 8, 8)
 
 
 FAMILIES = ("flux-tiny", "hunyuanvideo-tiny")
+# The tiny pipelines' grids (FLUX 8x8, HunyuanVideo 3x8x8) are smaller than a default block: name small ones.
+SMALL_BLOCKS = {"flux-tiny": [(4, 4), (2, 8)], "hunyuanvideo-tiny": [(1, None, None), (None, 4, 4), (1, 4, 4)]}
 
 
 @pytest.mark.parametrize("pipeline", FAMILIES, indirect=True)
@@ -161,11 +166,14 @@ def test_threshold_one_equals_unpatched_and_the_sparse_paths_agree(pipeline, req
     accel.patch(pipeline, "vmoba", threshold=1.0)
     assert np.array_equal(generate(pipeline, name), reference)
     accel.patch(pipeline, "vmoba", threshold=0.25)
+    assert np.array_equal(generate(pipeline, name), reference)  # default blocks hold the whole tiny grid
+    blocks = SMALL_BLOCKS[name]
+    accel.patch(pipeline, "vmoba", threshold=0.25, blocks=blocks)
     sparse = generate(pipeline, name)
     assert np.isfinite(sparse).all() and np.abs(sparse - reference).max() > 1e-3
-    accel.patch(pipeline, "vmoba", threshold=0.25, backend="reference")
+    accel.patch(pipeline, "vmoba", threshold=0.25, blocks=blocks, backend="reference")
     assert np.abs(generate(pipeline, name) - sparse).max() <= 1e-4
-    accel.patch(pipeline, "vmoba", threshold=0.25, dense_steps=2)
+    accel.patch(pipeline, "vmoba", threshold=0.25, blocks=blocks, dense_steps=2)
     assert np.array_equal(generate(pipeline, name), reference)  # both steps dense
     accel.unpatch(pipeline)
     assert model_fingerprint(pipeline.transformer) == before

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import device_name, median_seconds, save_results
+from common import device_name, median_seconds, plot_speedups, save_results
 
 import accel
 from accel import metrics
@@ -215,17 +215,10 @@ def _parse(pairs):
 
 
 def _plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    positions = np.arange(len(rows))
     if result["suite"] == "op":
         labels = [f"{r['tokens']} tokens" for r in rows]
-        bars = [
+        fields = [
             ("agent attention vs SDPA", "speedup"),
             ("speed of light N/(2n)", "speed_of_light"),
             ("AgentSD layer vs dense layer", "layer_speedup"),
@@ -236,21 +229,10 @@ def _plot(result: dict, path: Path) -> None:
         )
     else:
         labels = [f"{r['model']} {r['size']}px" for r in rows]
-        bars = [("accel agent", "agent_speedup"), ("tomesd", "tomesd_speedup")]
+        fields = [("accel agent", "agent_speedup"), ("tomesd", "tomesd_speedup")]
         title = f"Denoising loop on {result['device']}; baseline: the unpatched pipeline (dtype per model)"
-    width = 0.8 / len(bars)
-    for index, (label, field) in enumerate(bars):
-        values = [r.get(field, np.nan) for r in rows]
-        ax.bar(positions + (index - (len(bars) - 1) / 2) * width, values, width, label=label)
-    ax.set_xticks(positions, labels, rotation=10, ha="right", fontsize=8)
-    ax.set_ylabel("x faster than the baseline")
-    ax.axhline(1.0, color="black", linewidth=0.5)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
-    ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    bars = [(label, [r.get(field, np.nan) for r in rows]) for label, field in fields]
+    plot_speedups(path, labels, bars, title)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,3 +41,27 @@ def save_results(result: dict, out: str | Path, plot: Callable[[dict, Path], Non
     (out / "results.json").write_text(json.dumps(result, indent=2))
     plot(result, out / plot_name)
     return out
+
+
+def plot_speedups(path: Path, labels: list[str], bars: list[tuple[str, list[float]]], title: str) -> None:
+    """Grouped bars of speed-ups (one group per label, one bar per series) with the break-even line at 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    positions = list(range(len(labels)))
+    width = 0.8 / len(bars)
+    for index, (label, values) in enumerate(bars):
+        offset = (index - (len(bars) - 1) / 2) * width
+        ax.bar([p + offset for p in positions], values, width, label=label)
+    ax.axhline(1.0, color="black", linewidth=0.5)
+    ax.set_xticks(positions, labels, rotation=15, ha="right", fontsize=7)
+    ax.set_ylabel("x faster than the baseline")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import device_name, median_seconds, save_results
+from common import device_name, median_seconds, plot_speedups, save_results
 
 import accel
 from accel import metrics
@@ -141,35 +141,22 @@ def run_pipelines(args) -> dict:
 
 
 def _plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = result["rows"]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    positions = np.arange(len(rows))
     if result["suite"] == "op":
         labels = [f"{r['tokens'] // 1000}K {r['partition'].split()[0]}" for r in rows]
-        ax.bar(positions - 0.2, [r["speedup"] for r in rows], 0.4, label="VMoBA (selection included)")
-        ax.bar(positions + 0.2, [r["speed_of_light"] for r in rows], 0.4, label="speed of light (1 / kept share)")
+        bars = [
+            ("VMoBA (selection included)", [r["speedup"] for r in rows]),
+            ("speed of light (1 / kept share)", [r["speed_of_light"] for r in rows]),
+        ]
         title = (
             f"VMoBA op on {result['device']}, fp32, 4 heads x 64, tau {rows[0]['threshold']}; "
             "baseline: dense SDPA (1.0 = break-even)"
         )
     else:
         labels = [r["model"] for r in rows]
-        ax.bar(positions, [r["speedup"] for r in rows], 0.5, label="accel vmoba")
+        bars = [("accel vmoba", [r["speedup"] for r in rows])]
         title = f"VMoBA end to end on {result['device']}; baseline: the unpatched pipeline (denoising loop)"
-    ax.axhline(1.0, color="black", linewidth=0.5)
-    ax.set_xticks(positions, labels, rotation=20, ha="right", fontsize=7)
-    ax.set_ylabel("x faster than the baseline")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
-    ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plot_speedups(path, labels, bars, title)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import device_name, median_seconds, plot_speedups, save_results
+from common import add_common_arguments, device_name, median_seconds, plot_speedups, run_suite
 
 import accel
 from accel import metrics
@@ -242,18 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536], help="op suite (squares)")
     parser.add_argument("--models", nargs="+", default=list(PIPELINE_SIZES), choices=list(PIPELINE_SIZES))
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="pipeline sizes (default per model)")
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="agent option")
-    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--num-blocks", type=int, default=1, help="transformer blocks of flux-arch")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--out", default=None)
+    add_common_arguments(parser, "agent")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    result = run_ops(args) if args.suite == "op" else run_pipelines(args)
-    result.update(threads=args.threads, torch=torch.__version__, repeats=args.repeats, argv=sys.argv[1:])
-    save_results(result, args.out or f"benchmarks/results/agent-{args.suite}", _plot, "speedup.png")
-    return 0
+    return run_suite(args, {"op": run_ops, "pipeline": run_pipelines}, "agent", _plot)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,12 @@ results go to ``benchmarks/results/attention-<suite>/`` as JSON and PNG.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import device_name, median_seconds, save_results
+from common import add_common_arguments, device_name, median_seconds, run_suite
 
 import accel
 from accel import metrics
@@ -225,18 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("suite", choices=["op", "pipeline"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--models", nargs="+", default=list(PIPELINE_CASES), choices=list(PIPELINE_CASES))
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="GNA option")
-    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--num-blocks", type=int, default=1, help="transformer blocks of the *-arch models")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--out", default=None)
+    add_common_arguments(parser, "gna")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    result = run_ops(args) if args.suite == "op" else run_pipelines(args)
-    result.update(threads=args.threads, torch=torch.__version__, repeats=args.repeats, argv=sys.argv[1:])
-    save_results(result, args.out or f"benchmarks/results/attention-{args.suite}", _plot, "speedup.png")
-    return 0
+    return run_suite(args, {"op": run_ops, "pipeline": run_pipelines}, "attention", _plot)
 
 
 if __name__ == "__main__":

@@ -65,3 +65,23 @@ def plot_speedups(path: Path, labels: list[str], bars: list[tuple[str, list[floa
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def add_common_arguments(parser, method: str) -> None:
+    """The options every benchmark script takes: method options, steps, repeats, threads, output folder."""
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help=f"{method} option")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", default=None)
+
+
+def run_suite(args, suites: dict, prefix: str, plot: Callable[[dict, Path], None]) -> int:
+    """Run ``suites[args.suite]`` with torch's thread count set, record the run's settings, save JSON and plot."""
+    import sys
+
+    torch.set_num_threads(args.threads)
+    result = suites[args.suite](args)
+    result.update(threads=args.threads, torch=torch.__version__, repeats=args.repeats, argv=sys.argv[1:])
+    save_results(result, args.out or f"benchmarks/results/{prefix}-{args.suite}", plot, "speedup.png")
+    return 0

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import device_name, median_seconds, plot_speedups, save_results
+from common import add_common_arguments, device_name, median_seconds, plot_speedups, run_suite
 
 import accel
 from accel import metrics
@@ -173,19 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threshold", type=float, default=0.25)
     parser.add_argument("--models", nargs="+", default=["hunyuanvideo-tiny"], choices=list(PIPELINE_CASES))
-    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="vmoba option")
-    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--num-blocks", type=int, default=1, help="transformer blocks of hunyuanvideo-arch")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--out", default=None)
+    add_common_arguments(parser, "vmoba")
     args = parser.parse_args(argv)
     args.grids = args.grids or [[8, 32, 32], [8, 32, 64], [16, 48, 80], [30, 48, 80]]
-    torch.set_num_threads(args.threads)
-    result = run_ops(args) if args.suite == "op" else run_pipelines(args)
-    result.update(threads=args.threads, torch=torch.__version__, repeats=args.repeats, argv=sys.argv[1:])
-    save_results(result, args.out or f"benchmarks/results/vmoba-{args.suite}", _plot, "speedup.png")
-    return 0
+    return run_suite(args, {"op": run_ops, "pipeline": run_pipelines}, "vmoba", _plot)
 
 
 if __name__ == "__main__":

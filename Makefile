@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint setup xformers clean
+.PHONY: run test demo lint setup xformers clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+demo: $(STAMP)
+	# The Gradio demo on http://127.0.0.1:7860 (HOST=0.0.0.0 to serve other machines, PORT to move it).
+	$(PY) -m demo --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),7860)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

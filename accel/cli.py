@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +86,7 @@ def _run_compare(args) -> int:
     import torch
 
     import accel
-    from accel import metrics
+    from accel.compare import compare
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -98,51 +96,11 @@ def _run_compare(args) -> int:
     accel.registry.method_info(args.method).config_class.from_options(**options)
 
     pipe = accel.load_pipeline(args.model, dtype=dtype).to(device)
-    call = _call_kwargs(args)
-    steps = call.pop("num_inference_steps")
-    is_video = "num_frames" in call
-
-    def generate(num_inference_steps: int):
-        generator = torch.Generator(device="cpu").manual_seed(args.seed)
-        kwargs = {**call, "num_inference_steps": num_inference_steps}
-        start = time.perf_counter()
-        with torch.inference_mode():
-            result = pipe(generator=generator, output_type="np", **kwargs)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, (result.frames if is_video else result.images)
-
-    # One short unpatched call first, so one-time costs (allocator, kernels) are not charged to either side.
-    generate(1)
-    plain_times, patched_times = [], []
-    plain = patched = None
-    for _ in range(max(args.repeats, 1)):
-        seconds, plain = generate(steps)
-        plain_times.append(seconds)
-        with accel.patched(pipe, args.method, **options):
-            seconds, patched = generate(steps)
-        patched_times.append(seconds)
-
-    plain_s, patched_s = statistics.median(plain_times), statistics.median(patched_times)
-    result = {
-        "model": args.model,
-        "method": args.method,
-        "options": options,
-        "device": device,
-        "dtype": str(next(pipe.components[_denoiser_name(pipe)].parameters()).dtype),
-        "call": {k: v for k, v in call.items() if k != "prompt"},
-        "prompt": args.prompt,
-        "steps": steps,
-        "seed": args.seed,
-        "repeats": max(args.repeats, 1),
-        "plain_seconds": plain_s,
-        "patched_seconds": patched_s,
-        "speedup": plain_s / patched_s,
-        "psnr_db": metrics.psnr(plain, patched),
-        "max_abs_diff": metrics.max_abs_diff(plain, patched),
-    }
-    paths = _save_outputs(Path(args.out), plain, patched, is_video)
-    result["files"] = paths
+    run = compare(
+        pipe, args.method, options, _call_kwargs(args), model=args.model, seed=args.seed, repeats=args.repeats
+    )
+    result = run.summary()
+    result["files"] = run.save(args.out)
     (Path(args.out) / "results.json").write_text(json.dumps(result, indent=2))
 
     _print_table(
@@ -151,20 +109,16 @@ def _run_compare(args) -> int:
             (
                 args.model,
                 args.method,
-                f"{plain_s:.3f}",
-                f"{patched_s:.3f}",
-                f"{result['speedup']:.2f}x",
-                f"{result['psnr_db']:.1f}",
-                f"{result['max_abs_diff']:.2e}",
+                f"{run.plain_seconds:.3f}",
+                f"{run.patched_seconds:.3f}",
+                f"{run.speedup:.2f}x",
+                f"{run.psnr_db:.1f}",
+                f"{run.max_abs_diff:.2e}",
             )
         ],
     )
-    print(f"device {device}, dtype {result['dtype']}, {steps} steps, seed {args.seed}; outputs in {args.out}/")
+    print(f"device {run.device}, dtype {run.dtype}, {run.steps} steps, seed {args.seed}; outputs in {args.out}/")
     return 0
-
-
-def _denoiser_name(pipe) -> str:
-    return "unet" if "unet" in pipe.components else "transformer"
 
 
 def _call_kwargs(args) -> dict[str, Any]:
@@ -183,26 +137,6 @@ def _call_kwargs(args) -> dict[str, Any]:
         call["guidance_scale"] = args.guidance
     call["prompt"] = args.prompt
     return call
-
-
-def _save_outputs(out: Path, plain, patched, is_video: bool) -> list[str]:
-    import numpy as np
-    from PIL import Image
-
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for label, batch in (("unpatched", plain), ("patched", patched)):
-        if is_video:
-            from diffusers.utils import export_to_video
-
-            path = out / f"{label}.mp4"
-            # export_to_video scales float frames in [0, 1] itself.
-            export_to_video([frame for frame in batch[0]], str(path), fps=8)
-        else:
-            path = out / f"{label}.png"
-            Image.fromarray((np.clip(batch[0], 0, 1) * 255).round().astype("uint8")).save(path)
-        paths.append(str(path))
-    return paths
 
 
 def _print_table(headers: list[str], rows: list[tuple]) -> None:

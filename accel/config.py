@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from accel.errors import InvalidOptionError
@@ -15,7 +15,9 @@ from accel.errors import InvalidOptionError
 class MethodConfig:
     """Base of every method's configuration.
 
-    Subclasses set the class attribute ``name`` (the registry name, e.g. ``"dense"``) and add their own fields.
+    Subclasses set the class attribute ``name`` (the registry name, e.g. ``"dense"``) and add their own fields,
+    documented in the class docstring's ``Args:`` section. A string option with a fixed set of values declares them
+    as ``field(metadata={"choices": (...)})``, so that user interfaces (the demo) can offer them as a menu.
 
     Args:
         layers (`str`, *optional*, defaults to `None`):
@@ -120,7 +122,7 @@ class HiDiffusionConfig(MethodConfig):
     raunet_deep_switch: float | None = None
     windows: int | tuple[int, int] = 2
     window_size: int | tuple[int, int] | None = None
-    shift: str = "random"
+    shift: str = field(default="random", metadata={"choices": ("random", "none")})
     shift_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -187,7 +189,7 @@ class GNAConfig(MethodConfig):
     dense_steps: int = 0
     dense_layers: str | None = None
     per_layer: dict[str, dict[str, Any]] | None = None
-    backend: str = "auto"
+    backend: str = field(default="auto", metadata={"choices": GNA_BACKENDS})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -267,7 +269,7 @@ class AgentConfig(MethodConfig):
     name: ClassVar[str] = "agent"
 
     agent_ratio: float = 1 / 16
-    pooling: str | None = None
+    pooling: str | None = field(default=None, metadata={"choices": AGENT_POOLINGS})
     agent_steps: float = 0.4
     merge_ratio: float | None = None
     late_merge_ratio: float | None = None
@@ -344,7 +346,7 @@ class VMoBAConfig(MethodConfig):
     threshold: float = 0.25
     blocks: list[tuple[int | None, ...]] | None = None
     dense_steps: int = 0
-    backend: str = "auto"
+    backend: str = field(default="auto", metadata={"choices": VMOBA_BACKENDS})
 
     def __post_init__(self) -> None:
         super().__post_init__()

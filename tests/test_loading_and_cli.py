@@ -65,3 +65,27 @@ def test_cli_rejects_a_bad_method_before_loading(capsys):
 def test_python_dash_m_entry_point():
     result = subprocess.run([sys.executable, "-m", "accel", "methods"], capture_output=True, text=True, check=True)
     assert "dense" in result.stdout
+
+
+def test_compare_refuses_an_unsupported_method_before_generating(tiny_pipelines, monkeypatch):
+    from accel.compare import compare
+
+    pipe = tiny_pipelines["sd15-tiny"]
+    calls = []
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, *a, **k: calls.append(k))
+    with pytest.raises(accel.UnsupportedModelError, match="supports flux, hunyuanvideo"):
+        compare(pipe, "gna", {}, {"prompt": "a red circle", "num_inference_steps": 2})
+    assert calls == [] and accel.get_patch(pipe) is None
+
+
+def test_compare_dense_is_exact_and_records_the_run(tiny_pipelines, tmp_path):
+    from accel.compare import compare
+
+    pipe = tiny_pipelines["sd15-tiny"]
+    call = {"prompt": "a red circle", "num_inference_steps": 2, "height": 64, "width": 64}
+    run = compare(pipe, "dense", {}, call, model="sd15-tiny", seed=3, repeats=2)
+    assert run.plain.shape == (64, 64, 3) and run.max_abs_diff == 0.0
+    summary = run.summary()
+    assert summary["repeats"] == 2 and summary["call"] == {"num_inference_steps": 2, "height": 64, "width": 64}
+    assert [p.rsplit("/", 1)[1] for p in run.save(tmp_path)] == ["unpatched.png", "patched.png"]
+    assert accel.get_patch(pipe) is None

@@ -1,0 +1,170 @@
+"""Unpatched vs patched on the same pipeline, prompt and seed: times, speed-up and output drift.
+
+Shared by ``accel compare`` and the Gradio demo, so both report the same numbers the same way.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from accel import metrics
+from accel.registry import method_info
+
+
+@dataclass
+class Comparison:
+    """One side-by-side run; ``plain`` / ``patched`` are the first output of each side, floats in [0, 1]
+    (``[H, W, 3]`` images, ``[F, H, W, 3]`` videos)."""
+
+    model: str
+    method: str
+    options: dict[str, Any]
+    device: str
+    dtype: str
+    call: dict[str, Any]
+    prompt: str
+    steps: int
+    seed: int
+    repeats: int
+    plain_seconds: float
+    patched_seconds: float
+    plain: np.ndarray = field(repr=False)
+    patched: np.ndarray = field(repr=False)
+    is_video: bool = False
+
+    @property
+    def speedup(self) -> float:
+        return self.plain_seconds / self.patched_seconds
+
+    @property
+    def psnr_db(self) -> float:
+        return metrics.psnr(self.plain, self.patched)
+
+    @property
+    def max_abs_diff(self) -> float:
+        return metrics.max_abs_diff(self.plain, self.patched)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready record of the run (no pixels)."""
+        return {
+            "model": self.model,
+            "method": self.method,
+            "options": self.options,
+            "device": self.device,
+            "dtype": self.dtype,
+            "call": self.call,
+            "prompt": self.prompt,
+            "steps": self.steps,
+            "seed": self.seed,
+            "repeats": self.repeats,
+            "plain_seconds": self.plain_seconds,
+            "patched_seconds": self.patched_seconds,
+            "speedup": self.speedup,
+            "psnr_db": self.psnr_db,
+            "max_abs_diff": self.max_abs_diff,
+        }
+
+    def save(self, out: str | Path, fps: int = 8) -> list[str]:
+        """``unpatched`` / ``patched`` as PNG images or MP4 videos under ``out`` (created); their paths."""
+        from PIL import Image
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for label, array in (("unpatched", self.plain), ("patched", self.patched)):
+            if self.is_video:
+                from diffusers.utils import export_to_video
+
+                path = out / f"{label}.mp4"
+                # export_to_video scales float frames in [0, 1] itself.
+                export_to_video(list(array), str(path), fps=fps)
+            else:
+                path = out / f"{label}.png"
+                Image.fromarray(to_uint8(array)).save(path)
+            paths.append(str(path))
+        return paths
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    return (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+
+
+def denoiser_of(pipe) -> torch.nn.Module:
+    return pipe.components["unet"] if "unet" in pipe.components else pipe.components["transformer"]
+
+
+def compare(
+    pipe,
+    method: str,
+    options: dict[str, Any],
+    call: dict[str, Any],
+    *,
+    model: str = "",
+    seed: int = 0,
+    repeats: int = 1,
+    warmup: bool = True,
+) -> Comparison:
+    """Run ``pipe(**call)`` unpatched and patched with ``method`` / ``options``, ``repeats`` times each.
+
+    ``call`` holds the pipeline's call arguments (``prompt``, ``num_inference_steps``, size, frames, guidance).
+    The sides alternate, so a drift in the machine's speed hits both; the median of each side is reported. The
+    model is unpatched afterwards even when generation fails.
+    """
+    from accel.api import patched as patched_context
+
+    # Patch once before generating: an unsupported model, a bad option or a layer regex matching nothing fails now,
+    # not after the unpatched side has run.
+    method_info(method).config_class.from_options(**options)
+    with patched_context(pipe, method, **options):
+        pass
+    device = str(denoiser_of(pipe).device)
+    is_video = "num_frames" in call
+
+    def generate() -> tuple[float, np.ndarray]:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            result = pipe(generator=generator, output_type="np", **call)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        output = result.frames if is_video else result.images
+        return time.perf_counter() - start, np.asarray(output[0], dtype=np.float32)
+
+    if warmup:
+        # One short unpatched call first, so one-time costs (allocator, kernels) are not charged to either side.
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        with torch.inference_mode():
+            pipe(generator=generator, output_type="latent", **{**call, "num_inference_steps": 1})
+
+    plain_times, patched_times = [], []
+    for _ in range(max(repeats, 1)):
+        seconds, plain = generate()
+        plain_times.append(seconds)
+        with patched_context(pipe, method, **options):
+            seconds, patched = generate()
+        patched_times.append(seconds)
+
+    return Comparison(
+        model=model,
+        method=method,
+        options=dict(options),
+        device=device,
+        dtype=str(next(denoiser_of(pipe).parameters()).dtype),
+        call={k: v for k, v in call.items() if k != "prompt"},
+        prompt=call.get("prompt", ""),
+        steps=call.get("num_inference_steps", 0),
+        seed=seed,
+        repeats=max(repeats, 1),
+        plain_seconds=statistics.median(plain_times),
+        patched_seconds=statistics.median(patched_times),
+        plain=plain,
+        patched=patched,
+        is_video=is_video,
+    )

@@ -1,0 +1,235 @@
+"""The accel demo: a pipeline unpatched and patched side by side, same prompt and seed, with times and drift.
+
+    make demo                                   # http://127.0.0.1:7860
+    python -m demo --host 0.0.0.0 --port 8000   # reachable from other machines: only where you mean it
+
+Methods and their settings are read from accel's registry and config dataclasses, so a method registered with
+``accel.register_method`` appears here without touching this file. Requests run one at a time in a queue: the
+pipeline is shared, and two generations on one CPU would only slow each other down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+from typing import Any
+
+import accel
+from accel.compare import Comparison, compare, to_uint8
+from accel.loading import builtin_names, default_call_kwargs
+from demo.form import DEFAULT_CHOICE, FieldSpec, config_fields, options_from_form
+
+# The first view: the shipped model at twice its training size, where unpatched Stable Diffusion duplicates objects
+# and HiDiffusion does not (and is faster).
+DEFAULT_MODEL = "shapes-sd"
+DEFAULT_METHOD = "hidiffusion"
+DEFAULT_PROMPT = "a red circle"
+DEMO_SIZES = {"shapes-sd": {"height": 128, "width": 128}}
+# Small images (the shipped model draws 64-256 pixels) are shown enlarged to the panel, without smoothing.
+CSS = (
+    "#unpatched-image img, #patched-image img "
+    "{width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
+)
+
+
+class PipelineCache:
+    """The last pipeline loaded; another model replaces it (one model's weights in memory at a time)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._name: str | None = None
+        self._pipe = None
+
+    def get(self, name: str):
+        import torch
+
+        with self._lock:
+            if name != self._name:
+                self._pipe = None  # free the old weights before loading the new ones
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+                self._pipe = accel.load_pipeline(name).to(device)
+                self._name = name
+            return self._pipe
+
+
+def form_defaults(model: str) -> tuple[int, int, int, int]:
+    """Height, width, frames and steps the form shows for ``model`` (0: the pipeline's own default)."""
+    call = {**default_call_kwargs(model), **DEMO_SIZES.get(model, {})}
+    return tuple(int(call.get(key, 0)) for key in ("height", "width", "num_frames", "num_inference_steps"))
+
+
+def call_arguments(model: str, prompt: str, height, width, frames, steps) -> dict[str, Any]:
+    """The pipeline call: the built-in model's own defaults, overridden by whatever the form sets (0: default)."""
+    call: dict[str, Any] = {"num_inference_steps": 25, **default_call_kwargs(model), "prompt": prompt}
+    for key, value in (("height", height), ("width", width), ("num_frames", frames), ("num_inference_steps", steps)):
+        if value not in (None, 0, ""):
+            call[key] = int(value)
+    return call
+
+
+def timing_table(run: Comparison) -> str:
+    size = "x".join(str(run.call[k]) for k in ("num_frames", "height", "width") if k in run.call)
+    return "\n".join(
+        [
+            "| | unpatched | patched |",
+            "|---|---|---|",
+            f"| seconds (median of {run.repeats}) | {run.plain_seconds:.2f} | {run.patched_seconds:.2f} |",
+            f"| speed-up | 1.00x | {run.speedup:.2f}x |",
+            f"| PSNR vs unpatched | | {run.psnr_db:.1f} dB |",
+            f"| max abs difference | | {run.max_abs_diff:.3g} |",
+            "",
+            f"{run.model}, {run.method} {run.options or '(defaults)'}; {size or 'default size'}, {run.steps} steps, "
+            f"seed {run.seed}, {run.device}, {run.dtype}",
+        ]
+    )
+
+
+def build_app(cache: PipelineCache | None = None):
+    import gradio as gr
+
+    cache = cache or PipelineCache()
+    registered = accel.methods()
+    method_fields: dict[str, list[FieldSpec]] = {info.name: config_fields(info.config_class) for info in registered}
+    default_method = DEFAULT_METHOD if DEFAULT_METHOD in method_fields else registered[0].name
+
+    with gr.Blocks(title="accel demo", analytics_enabled=False) as app:
+        gr.Markdown(
+            "# accel: faster attention for diffusers, one line\n"
+            "The same prompt and seed, unpatched and patched with `accel.patch(pipe, method, **settings)`."
+        )
+        with gr.Row():
+            model = gr.Dropdown(
+                list(builtin_names()),
+                value=DEFAULT_MODEL,
+                label="model",
+                info="built in, or type a hub id / local folder",
+                allow_custom_value=True,
+            )
+            method = gr.Dropdown(list(method_fields), value=default_method, label="method")
+        prompt = gr.Textbox(DEFAULT_PROMPT, label="prompt")
+        initial = form_defaults(DEFAULT_MODEL)
+        with gr.Row():
+            # 0 keeps the pipeline's own setting; choosing a model fills in its defaults.
+            height = gr.Number(initial[0], label="height", precision=0, minimum=0, info="pixels; 0: default")
+            width = gr.Number(initial[1], label="width", precision=0, minimum=0, info="pixels; 0: default")
+            frames = gr.Number(initial[2], label="frames", precision=0, minimum=0, info="video models; 0: default")
+            steps = gr.Number(initial[3], label="steps", precision=0, minimum=0, info="0: default")
+            seed = gr.Number(0, label="seed", precision=0)
+            repeats = gr.Number(1, label="timed runs", precision=0, minimum=1, info="median reported")
+
+        settings_groups, settings_inputs = [], []
+        with gr.Accordion("method settings (defaults shown)", open=False):
+            for name, specs in method_fields.items():
+                with gr.Group(visible=name == default_method) as group:
+                    settings_groups.append(group)
+                    for spec in specs:
+                        settings_inputs.append(_widget(gr, name, spec))
+
+        generate = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Row():
+            plain_image = gr.Image(label="unpatched", elem_id="unpatched-image", interactive=False, height=384)
+            patched_image = gr.Image(label="patched", elem_id="patched-image", interactive=False, height=384)
+            plain_video = gr.Video(label="unpatched", elem_id="unpatched-video", visible=False, interactive=False)
+            patched_video = gr.Video(label="patched", elem_id="patched-video", visible=False, interactive=False)
+        timings = gr.Markdown(elem_id="timings")
+
+        def show_settings(selected):
+            return [gr.Group(visible=name == selected) for name in method_fields]
+
+        method.change(show_settings, inputs=method, outputs=settings_groups)
+        model.change(lambda name: list(form_defaults(name)), inputs=model, outputs=[height, width, frames, steps])
+
+        def run(
+            model_name,
+            method_name,
+            prompt_text,
+            h,
+            w,
+            f,
+            n,
+            seed_value,
+            repeat_count,
+            *raw_settings,
+            # Gradio's idiom: the default is how the app asks for a progress bar (fed by diffusers' tqdm bars).
+            progress=gr.Progress(track_tqdm=True),  # noqa: B008
+        ):
+            options = _selected_options(method_fields, method_name, raw_settings)
+            call = call_arguments(model_name, prompt_text, h, w, f, n)
+            try:
+                progress(0, desc=f"loading {model_name}")
+                pipe = cache.get(model_name)
+                result = compare(
+                    pipe,
+                    method_name,
+                    options,
+                    call,
+                    model=model_name,
+                    seed=int(seed_value or 0),
+                    repeats=int(repeat_count or 1),
+                )
+            except (accel.AccelError, ValueError) as error:
+                raise gr.Error(str(error)) from None
+            if result.is_video:
+                folder = tempfile.mkdtemp(prefix="accel-demo-")
+                plain_path, patched_path = result.save(folder)
+                images = [gr.Image(value=None, visible=False), gr.Image(value=None, visible=False)]
+                videos = [gr.Video(value=plain_path, visible=True), gr.Video(value=patched_path, visible=True)]
+            else:
+                images = [gr.Image(value=to_uint8(a), visible=True) for a in (result.plain, result.patched)]
+                videos = [gr.Video(value=None, visible=False), gr.Video(value=None, visible=False)]
+            return [*images, *videos, timing_table(result)]
+
+        generate.click(
+            run,
+            inputs=[model, method, prompt, height, width, frames, steps, seed, repeats, *settings_inputs],
+            outputs=[plain_image, patched_image, plain_video, patched_video, timings],
+        )
+    return app
+
+
+def _selected_options(method_fields: dict[str, list[FieldSpec]], method_name: str, raw: tuple) -> dict[str, Any]:
+    """The chosen method's options: its slice of the flat list of every method's settings widgets."""
+    import gradio as gr
+
+    offset = 0
+    for name, specs in method_fields.items():
+        if name == method_name:
+            try:
+                return options_from_form(specs, list(raw[offset : offset + len(specs)]))
+            except ValueError as error:
+                raise gr.Error(str(error)) from None
+        offset += len(specs)
+    raise gr.Error(f"unknown method {method_name!r}; registered: {', '.join(method_fields)}")
+
+
+def _widget(gr, method_name: str, spec: FieldSpec):
+    label = spec.name if spec.kind != "json" else f"{spec.name} (JSON)"
+    common = {"label": label, "info": spec.help, "elem_id": f"{method_name}-{spec.name}"}
+    if spec.kind == "bool":
+        return gr.Checkbox(spec.initial(), **common)
+    if spec.kind in ("int", "float"):
+        return gr.Number(spec.initial(), precision=0 if spec.kind == "int" else None, **common)
+    if spec.kind == "choice":
+        choices = ([DEFAULT_CHOICE] if spec.optional else []) + list(spec.choices)
+        return gr.Dropdown(choices, value=spec.initial(), **common)
+    placeholder = "empty: default" if spec.optional else None
+    return gr.Textbox(spec.initial(), placeholder=placeholder, **common)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    app = build_app()
+    # One generation at a time: later requests wait in the queue and see their position.
+    app.queue(default_concurrency_limit=1)
+    app.launch(server_name=args.host, server_port=args.port, ssr_mode=False, footer_links=[], css=CSS)
+    return 0

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from common import add_common_arguments, device_name, median_seconds, plot_speedups, run_suite
+from peers import tomesd_patch
 
 import accel
 from accel import metrics
@@ -122,18 +123,6 @@ PIPELINE_SIZES = {
 }
 
 
-def _tomesd_patch(pipe, name):
-    try:
-        import tomesd
-    except ImportError:
-        return None
-    if not name.startswith("sd"):
-        return None
-    # tomesd's README defaults merge only the top level, which has no attention in SDXL: it would be a no-op.
-    tomesd.apply_patch(pipe, ratio=0.5, max_downsample=2 if name.startswith("sdxl") else 1)
-    return tomesd.remove_patch
-
-
 def run_pipelines(args) -> dict:
     rows = []
     for name in args.models:
@@ -180,12 +169,12 @@ def run_pipelines(args) -> dict:
                 "agent_speedup": unpatched_s / agent_s,
                 "agent_psnr_db": metrics.psnr(unpatched_image, agent_image),
             }
-            remove = _tomesd_patch(pipe, name)
+            remove = tomesd_patch(pipe, name)
             if remove is not None:
                 try:
                     tome_s, tome_image = measure()
                 finally:
-                    remove(pipe)
+                    remove()
                 row.update(
                     tomesd_s=tome_s,
                     tomesd_speedup=unpatched_s / tome_s,

@@ -18,6 +18,7 @@ results go to ``benchmarks/results/attention-<suite>/`` as JSON and PNG.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,15 @@ from common import add_common_arguments, device_name, median_seconds, run_suite
 
 import accel
 from accel import metrics
+from accel.kernels.agent import agent_attention, grid_pool, pooled_grid
 from accel.kernels.neighborhood import Neighborhood, default_tile, neighborhood_attention_tiled, tile_plan
+from accel.kernels.vmoba import block_attention_sparse, block_partition, select_blocks
+from accel.kernels.windows import shifted_window_attention
+from accel.pipelines.gna import flux_default_geometry
+from accel.pipelines.vmoba import default_block_shape
+
+# Sides of the square 2-D grids of the sweep: 1K, 2K, 4K, ... tokens.
+SWEEP_SIDES = [32, 45, 64, 90, 128, 181, 256, 362, 512]
 
 # name, grid, kernel_size, stride, heads, head_dim
 CPU_SHAPES = [
@@ -119,6 +128,150 @@ def run_ops(args) -> dict:
         for name, grid, kernel, stride, heads, dim in shapes
     ]
     return {"suite": "op", "device": device_name(device), "dtype": args.dtype, "batch": 1, "rows": rows}
+
+
+def _sweep_methods(q, k, v, grid, device):
+    """Each method's op on the same ``[1, S, H, D]`` tensors over a 2-D ``grid``, with its default settings:
+    ``name -> (callable, density)``; the speed of light is ``1 / density``, the share of (query, key) work kept."""
+    tokens, dim = q.shape[1], q.shape[-1]
+    kernel, stride = flux_default_geometry(grid)
+    hood = Neighborhood.create(grid, kernel, stride)
+    if device == "cuda":
+        from accel.kernels.block_sparse import block_sparse_attention
+
+        def gna():
+            return block_sparse_attention(q, k, v, hood)[0]
+
+    else:
+
+        def gna():
+            return neighborhood_attention_tiled(q, k, v, hood)
+
+    partition = block_partition(grid, default_block_shape("flux", 0)(grid))
+
+    def vmoba():
+        return block_attention_sparse(q, k, v, partition, select_blocks(q, k, partition, 0.25))
+
+    selected = select_blocks(q, k, partition, 0.25)
+    sizes = (partition.block_tokens >= 0).sum(dim=1).to(torch.float64)
+    vmoba_density = float((selected.to(torch.float64) @ sizes.to(selected.device)).sum() / (q.shape[2] * tokens**2))
+
+    pooled = pooled_grid(grid, 1 / 16)
+    scale = dim**-0.5
+
+    def agent():
+        agents, _ = grid_pool(q, grid, pooled)
+        return agent_attention(q, k, v, agents, scale=scale, agent_scale=scale**0.3, shortcut=0.075)
+
+    quarter = (grid[0] // 8, grid[1] // 8)
+
+    def mswmsa():
+        return shifted_window_attention(q, k, v, grid, (2, 2), shift=quarter)
+
+    return {
+        "gna": (gna, hood.density()),
+        "vmoba": (vmoba, vmoba_density),
+        # Two products of N x n instead of one N x N: 2n / N of dense attention's multiply-adds.
+        "agent": (agent, 2 * math.prod(pooled) / tokens),
+        "mswmsa": (mswmsa, 1 / 4),
+    }
+
+
+def run_sweep(args) -> dict:
+    """Every method against SDPA on square 2-D grids from 1K tokens up to ``--max-tokens``."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    heads, dim = (24, 128) if device == "cuda" else (4, 64)
+    max_tokens = args.max_tokens or (4096 if args.quick else 262_144 if device == "cuda" else 32_768)
+    sides = [side for side in SWEEP_SIDES if side * side <= max_tokens]
+    repeats = 1 if args.quick else args.repeats
+    rows = []
+    for side in sides:
+        grid = (side, side)
+        generator = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, side * side, heads, dim, generator=generator).to(device, dtype) for _ in range(3))
+
+        def dense(q=q, k=k, v=v):
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+        # Dense attention at 32K tokens takes over ten seconds a call on two cores: fewer repeats there.
+        size_repeats = repeats if device == "cuda" or side * side <= 16_384 else 1
+        with torch.no_grad():
+            dense_s = median_seconds(dense, size_repeats, sync)
+            for method, (fn, density) in _sweep_methods(q, k, v, grid, device).items():
+                seconds = median_seconds(fn, size_repeats, sync)
+                row = {
+                    "method": method,
+                    "grid": grid,
+                    "tokens": side * side,
+                    "density": density,
+                    "dense_ms": dense_s * 1e3,
+                    "method_ms": seconds * 1e3,
+                    "speedup": dense_s / seconds,
+                    "speed_of_light": 1 / density,
+                    "share_of_speed_of_light": dense_s / seconds * density,
+                    "repeats": size_repeats,
+                }
+                rows.append(row)
+                print(
+                    f"{side * side:7d} tok  {method:7s} dense {dense_s * 1e3:9.1f} ms  {seconds * 1e3:9.1f} ms  "
+                    f"{row['speedup']:5.2f}x of light {1 / density:5.1f}x ({row['share_of_speed_of_light']:5.1%})",
+                    flush=True,
+                )
+    return {
+        "suite": "sweep",
+        "device": device_name(device),
+        "dtype": args.dtype,
+        "batch": 1,
+        "heads": heads,
+        "head_dim": dim,
+        "baseline": f"dense SDPA on the same [1, S, {heads}, {dim}] tensors",
+        "settings": {
+            "gna": "FLUX default: kernel 5/16 of each side, stride kernel/5",
+            "vmoba": "FLUX default blocks (1/16 of each side, grown to >= 1024 tokens), threshold 0.25, incl. selection",
+            "agent": "agents = queries grid-pooled to N/16, incl. pooling",
+            "mswmsa": "2x2 shifted windows (HiDiffusion's MSW-MSA)",
+        },
+        "rows": rows,
+    }
+
+
+def _plot_sweep(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    for index, method in enumerate(methods):
+        rows = [r for r in result["rows"] if r["method"] == method]
+        colour = f"C{index}"
+        ax.plot([r["tokens"] for r in rows], [r["speedup"] for r in rows], "o-", color=colour, label=method)
+        ax.plot(
+            [r["tokens"] for r in rows],
+            [r["speed_of_light"] for r in rows],
+            "--",
+            color=colour,
+            alpha=0.6,
+            label=f"{method} speed of light",
+        )
+    ax.axhline(1.0, color="black", linewidth=0.5)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("image tokens (square 2-D grid)")
+    ax.set_ylabel("x faster than dense SDPA")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(
+        f"attention op on {result['device']}, {result['dtype']}, {result['heads']} heads x {result['head_dim']}; "
+        f"baseline: {result['baseline']}",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 # model, generation size, GNA options, steps for timing
@@ -220,13 +373,23 @@ def _plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["op", "pipeline"])
+    parser.add_argument("suite", choices=["sweep", "op", "pipeline"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--models", nargs="+", default=list(PIPELINE_CASES), choices=list(PIPELINE_CASES))
     parser.add_argument("--num-blocks", type=int, default=1, help="transformer blocks of the *-arch models")
+    parser.add_argument("--max-tokens", type=int, default=None, help="sweep: largest grid (default CPU 32K, GPU 256K)")
+    parser.add_argument("--quick", action="store_true", help="sweep: 1K-4K tokens, one run each (CI smoke)")
     add_common_arguments(parser, "gna")
     args = parser.parse_args(argv)
-    return run_suite(args, {"op": run_ops, "pipeline": run_pipelines}, "attention", _plot)
+    if args.quick and args.suite != "sweep":
+        parser.error("--quick applies to the sweep suite")
+    if args.quick and args.out is None:
+        args.out = "benchmarks/results/attention-sweep-quick"
+
+    def plot(result, path):
+        (_plot_sweep if result["suite"] == "sweep" else _plot)(result, path)
+
+    return run_suite(args, {"sweep": run_sweep, "op": run_ops, "pipeline": run_pipelines}, "attention", plot)
 
 
 if __name__ == "__main__":

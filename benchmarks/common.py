@@ -34,6 +34,25 @@ def device_name(device: str = "cpu") -> str:
     return f"cpu {platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
+def environment() -> dict:
+    """Versions a result depends on, recorded beside its numbers."""
+    import diffusers
+
+    import accel
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__}
+    versions["accel"] = accel.__version__
+    if torch.cuda.is_available():
+        versions["cuda"] = torch.version.cuda
+        try:
+            import triton
+
+            versions["triton"] = triton.__version__
+        except ImportError:
+            pass
+    return versions
+
+
 def save_results(result: dict, out: str | Path, plot: Callable[[dict, Path], None], plot_name: str) -> Path:
     """``results.json`` and the plot under ``out`` (created)."""
     out = Path(out)
@@ -82,6 +101,6 @@ def run_suite(args, suites: dict, prefix: str, plot: Callable[[dict, Path], None
 
     torch.set_num_threads(args.threads)
     result = suites[args.suite](args)
-    result.update(threads=args.threads, torch=torch.__version__, repeats=args.repeats, argv=sys.argv[1:])
+    result.update(threads=args.threads, versions=environment(), repeats=args.repeats, argv=sys.argv[1:])
     save_results(result, args.out or f"benchmarks/results/{prefix}-{args.suite}", plot, "speedup.png")
     return 0

@@ -21,30 +21,19 @@ its 8x-resolution schedule and the package its 2x one. The script therefore give
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from common import device_name, save_results
+from peers import import_hidiffusion
 
 import accel
 from accel import metrics
 from accel.processors.hidiffusion import MSWMSAAttnProcessor
-
-
-def import_reference_package():
-    sys.modules.setdefault(
-        "diffusers.pipelines.controlnet.multicontrolnet",
-        importlib.import_module("diffusers.models.controlnets.multicontrolnet"),
-    )
-    import hidiffusion
-
-    return hidiffusion
 
 
 class ShiftRecorder:
@@ -96,7 +85,7 @@ def _median(fn, repeats: int):
 def run(args) -> dict:
     from accel.cli import parse_options
 
-    hidiffusion = import_reference_package()
+    hidiffusion = import_hidiffusion()
     accel_options = parse_options(args.accel_option)
     rows = []
     for model in args.models:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import device_name
+from common import device_name, environment
 
 import accel
 from accel import metrics
@@ -146,6 +146,8 @@ def evaluate(args) -> dict:
         "base_resolution": shapes.BASE_RESOLUTION,
         "scales": args.scales,
         "threads": args.threads,
+        "versions": environment(),
+        "baseline": "fidelity: the unpatched pipeline, same prompts, seeds and steps; adherence / duplication: absolute",
         "seconds": time.perf_counter() - started,
         "summary": summary,
         "images": records,
@@ -288,6 +290,17 @@ def _plot(summary: dict, sides: list[str], result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# --quick: one prompt of each of two groups, one image each, at 1x and 2x, 4 steps.
+QUICK = {
+    "groups": ["single", "pair"],
+    "prompts_per_group": 1,
+    "images_per_prompt": 1,
+    "scales": [1, 2],
+    "steps": 4,
+    "out": "benchmarks/results/quality-quick",
+}
+
+
 def _uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
@@ -312,7 +325,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default="benchmarks/results/quality")
+    parser.add_argument(
+        "--quick", action="store_true", help="CI smoke: " + ", ".join(f"{k}={v}" for k, v in QUICK.items())
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        # Quick settings fill in whatever was not given explicitly.
+        for name, value in QUICK.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
     evaluate(args)
     return 0
 

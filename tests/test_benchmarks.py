@@ -1,0 +1,67 @@
+"""The benchmarks' --quick modes, as CI runs them: each writes JSON naming its device, baseline and versions, and
+a plot. Numbers are not asserted here (speed belongs in benchmarks/results), only what they must be made of."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, out: Path) -> dict:
+    command = [sys.executable, str(REPO / "benchmarks" / script), *args, "--threads", "2", "--out", str(out)]
+    completed = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    assert result["device"].startswith(("cpu", "NVIDIA"))
+    assert {"torch", "diffusers", "accel"} <= set(result["versions"])
+    assert result["baseline"]
+    return result
+
+
+def test_attention_sweep_quick(tmp_path):
+    result = _run("attention.py", "sweep", "--quick", out=tmp_path)
+    methods = {"gna", "vmoba", "agent", "mswmsa"}
+    assert {r["method"] for r in result["rows"]} == methods
+    assert sorted({r["tokens"] for r in result["rows"]}) == [1024, 2025, 4096]
+    for row in result["rows"]:
+        assert 0 < row["density"] <= 1 and row["speed_of_light"] == pytest.approx(1 / row["density"])
+        assert row["speedup"] > 0 and row["share_of_speed_of_light"] == pytest.approx(row["speedup"] * row["density"])
+    # 2x2 windows keep a quarter of the pairs; about N/16 agents cost 2 x 1/16 of dense attention.
+    assert all(r["density"] == 0.25 for r in result["rows"] if r["method"] == "mswmsa")
+    assert all(r["density"] == pytest.approx(1 / 8, rel=0.1) for r in result["rows"] if r["method"] == "agent")
+    assert (tmp_path / "speedup.png").stat().st_size > 0
+
+
+def test_pipeline_quick(tmp_path):
+    result = _run("pipeline.py", "--quick", out=tmp_path)
+    sides = {(r["model"], r["side"]) for r in result["rows"]}
+    expected = {("sd15-tiny", "agent"), ("sd15-tiny", "hidiffusion")}
+    expected |= {(model, m) for model in ("flux-tiny", "hunyuanvideo-tiny") for m in ("gna", "agent", "vmoba")}
+    assert expected <= sides
+    # Peers run where installed (not in CI's required path) and are labelled as peers.
+    has_tomesd = importlib.util.find_spec("tomesd") is not None
+    assert (("sd15-tiny", "tomesd") in sides) == has_tomesd
+    assert all(r["kind"] == "peer" for r in result["rows"] if r["side"] in ("tomesd", "hidiffusion package"))
+    for row in result["rows"]:
+        assert row["speedup"] == pytest.approx(row["unpatched_s"] / row["seconds"])
+        assert row["psnr_db"] > 20 or math.isinf(row["psnr_db"])
+    assert (tmp_path / "speedup.png").stat().st_size > 0
+
+
+def test_quality_quick(tmp_path):
+    result = _run("quality.py", "--quick", "--method", "dense", "agent", out=tmp_path)
+    assert len(result["images"]) == 4  # 2 prompts x 1 image x 2 scales
+    entry = result["summary"]["1x"]["all"]
+    assert set(entry) >= {"images", "unpatched", "dense", "agent", "fidelity"}
+    # "dense" is exact: the patched images equal the unpatched ones; agent attention is not.
+    assert entry["fidelity"]["dense"]["ssim"] == pytest.approx(1.0)
+    assert entry["fidelity"]["agent"]["ssim"] < 1.0
+    assert (tmp_path / "grid.png").stat().st_size > 0 and (tmp_path / "quality.png").stat().st_size > 0

@@ -19,6 +19,7 @@ from accel.errors import (
     UnsupportedModelError,
 )
 from accel.loading import load_pipeline
+from accel.parallel import enable_context_parallel
 from accel.plan import PatchPlan
 from accel.registry import MethodInfo, methods, register_method, unregister_method
 
@@ -40,6 +41,7 @@ __all__ = [
     "UnknownMethodError",
     "UnsupportedModelError",
     "VMoBAConfig",
+    "enable_context_parallel",
     "get_patch",
     "load_pipeline",
     "methods",

@@ -46,6 +46,14 @@ class PatchHandle:
         if not self.active:
             return
         denoiser = self._denoiser
+        current = denoiser.attn_processors
+        for key, original in self._originals.items():
+            # diffusers' switches used while patched (set_attention_backend, enable_parallelism) reached accel's
+            # processors; the restored ones must keep them, or a context-parallel model would attend locally.
+            for attribute in _CARRIED_ATTRIBUTES:
+                value = getattr(current.get(key), attribute, None)
+                if value is not None and getattr(original, attribute, None) is None and hasattr(original, attribute):
+                    setattr(original, attribute, value)
         # set_attn_processor pops from the dict it is given, so hand it a copy.
         denoiser.set_attn_processor(dict(self._originals))
         for undo in reversed(self._undo):
@@ -202,6 +210,10 @@ def _check_replaceable(plan: PatchPlan, family: ModelFamily, originals: dict[str
             )
 
 
+# What diffusers' own switches set on processors (set_attention_backend, enable_parallelism): carried across patching.
+_CARRIED_ATTRIBUTES = ("_attention_backend", "_parallel_config")
+
+
 def _commit(plan: PatchPlan, configs: list[MethodConfig], originals: dict[str, Any]) -> PatchHandle:
     denoiser = plan.denoiser
     replaced = dict(originals)
@@ -209,7 +221,7 @@ def _commit(plan: PatchPlan, configs: list[MethodConfig], originals: dict[str, A
         original = originals[f"{name}.processor"]
         # Keep what diffusers' own switches set on the processor being replaced (set_attention_backend, context
         # parallelism), so a patched model keeps its backend and parallel config.
-        for attribute in ("_attention_backend", "_parallel_config"):
+        for attribute in _CARRIED_ATTRIBUTES:
             value = getattr(original, attribute, None)
             if value is not None:
                 setattr(processor, attribute, value)

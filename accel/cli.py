@@ -43,7 +43,19 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable (JSON values)"
     )
-    compare.add_argument("--prompt", default=DEFAULT_PROMPT)
+    compare.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help=f"repeatable: several prompts give one output folder each ({DEFAULT_PROMPT!r} if none)",
+    )
+    compare.add_argument("--prompts-file", default=None, help="a file of prompts, one per line")
+    compare.add_argument(
+        "--distributed",
+        action="store_true",
+        help="share the prompts between the processes of an `accelerate launch` / `torchrun` run (accelerate's "
+        "PartialState); each process writes its prompts' folders, the first one the combined results.json",
+    )
     compare.add_argument("--height", type=int, default=None, help="pixels; default: the model's own small default")
     compare.add_argument("--width", type=int, default=None)
     compare.add_argument("--frames", type=int, default=None, help="video models: number of frames")
@@ -88,40 +100,90 @@ def _run_compare(args) -> int:
     import accel
     from accel.compare import compare
 
+    prompts = _prompts(args)
+    state = None
+    if args.distributed:
+        from accelerate import PartialState
+
+        # accelerate treats a CPU-only launch as several processes only when told it is a CPU run.
+        state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    if args.threads is None and state is not None and state.device.type == "cpu":
+        # Processes sharing one CPU split its cores instead of each taking them all.
+        args.threads = max(1, (os.cpu_count() or 1) // state.num_processes)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if state is not None:
+        device = str(state.device)
+    else:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     options = parse_options(args.option)
     # Validate the method before spending time on loading and generating.
     accel.registry.method_info(args.method).config_class.from_options(**options)
 
-    pipe = accel.load_pipeline(args.model, dtype=dtype).to(device)
-    run = compare(
-        pipe, args.method, options, _call_kwargs(args), model=args.model, seed=args.seed, repeats=args.repeats
-    )
-    result = run.summary()
-    result["files"] = run.save(args.out)
-    (Path(args.out) / "results.json").write_text(json.dumps(result, indent=2))
+    out = Path(args.out)
+    # One prompt on one process keeps the flat layout; otherwise prompt i goes to out/i (same on any process count).
+    folders = [out] if len(prompts) == 1 and state is None else [out / f"{i:03d}" for i in range(len(prompts))]
+    numbered = list(enumerate(prompts))
+    if state is not None:
+        with state.split_between_processes(numbered) as share:
+            mine = list(share)
+    else:
+        mine = numbered
 
-    _print_table(
-        ["model", "method", "unpatched s", "patched s", "speed-up", "PSNR dB", "max |diff|"],
-        [
-            (
-                args.model,
-                args.method,
-                f"{run.plain_seconds:.3f}",
-                f"{run.patched_seconds:.3f}",
-                f"{run.speedup:.2f}x",
-                f"{run.psnr_db:.1f}",
-                f"{run.max_abs_diff:.2e}",
-            )
-        ],
-    )
-    print(f"device {run.device}, dtype {run.dtype}, {run.steps} steps, seed {args.seed}; outputs in {args.out}/")
+    pipe = accel.load_pipeline(args.model, dtype=dtype).to(device)
+    rows = []
+    for index, prompt in mine:
+        run = compare(
+            pipe,
+            args.method,
+            options,
+            _call_kwargs(args, prompt),
+            model=args.model,
+            seed=args.seed,
+            repeats=args.repeats,
+        )
+        result = run.summary()
+        result["files"] = run.save(folders[index])
+        if state is not None:
+            result["process"] = state.process_index
+        (folders[index] / "results.json").write_text(json.dumps(result, indent=2))
+        rows.append(run)
+
+    if state is not None:
+        state.wait_for_everyone()
+    if state is None or state.is_main_process:
+        if len(folders) > 1:
+            combined = [json.loads((folder / "results.json").read_text()) for folder in folders]
+            (out / "results.json").write_text(json.dumps(combined, indent=2))
+            table = [
+                (r["prompt"], r["plain_seconds"], r["patched_seconds"], r["psnr_db"], r["max_abs_diff"])
+                for r in combined
+            ]
+        else:
+            table = [(r.prompt, r.plain_seconds, r.patched_seconds, r.psnr_db, r.max_abs_diff) for r in rows]
+        _print_table(
+            ["model", "method", "prompt", "unpatched s", "patched s", "speed-up", "PSNR dB", "max |diff|"],
+            [
+                (args.model, args.method, prompt, f"{plain:.3f}", f"{patched:.3f}", f"{plain / patched:.2f}x",
+                 f"{psnr:.1f}", f"{diff:.2e}")
+                for prompt, plain, patched, psnr, diff in table
+            ],
+        )  # fmt: skip
+        where = f"{state.num_processes} processes, " if state is not None else ""
+        steps = _call_kwargs(args, prompts[0])["num_inference_steps"]
+        print(f"{where}device {device}, {steps} steps, seed {args.seed}; outputs in {args.out}/")
     return 0
 
 
-def _call_kwargs(args) -> dict[str, Any]:
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        lines = Path(args.prompts_file).read_text().splitlines()
+        prompts += [line.strip() for line in lines if line.strip()]
+    return prompts or [DEFAULT_PROMPT]
+
+
+def _call_kwargs(args, prompt: str) -> dict[str, Any]:
     from accel.loading import default_call_kwargs
 
     call: dict[str, Any] = {"num_inference_steps": 25, **default_call_kwargs(args.model)}
@@ -135,7 +197,7 @@ def _call_kwargs(args) -> dict[str, Any]:
             call[key] = value
     if args.guidance is not None:
         call["guidance_scale"] = args.guidance
-    call["prompt"] = args.prompt
+    call["prompt"] = prompt
     return call
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
+from accel.processors.parallel import sequence_shards
 from accel.processors.state import PatchContext
 
 
@@ -215,6 +216,8 @@ class DenseFluxAttnProcessor(DenseAttentionProcessorBase):
             # Single blocks receive text and image already joined (text first); the hook recorded the text length.
             layout = self.context.layout if self.context is not None else None
             text_tokens = layout.text_tokens if layout is not None else 0
+            # Under context parallelism this rank holds an equal share of the text (the split is contiguous).
+            text_tokens //= sequence_shards(self._parallel_config)
 
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)

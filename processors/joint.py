@@ -14,6 +14,7 @@ import torch
 from diffusers.utils import logging
 
 from accel.processors.dense import AttentionCall
+from accel.processors.parallel import ulysses_attend, ulysses_group
 
 logger = logging.get_logger(__name__)
 
@@ -37,6 +38,12 @@ class JointVisualAttend:
         raise NotImplementedError
 
     def attend(self, query, key, value, attention_mask, call: AttentionCall):
+        if call.kind == "joint" and self._parallel_config is not None:
+            ulysses = ulysses_group(self._parallel_config, self.method)
+            if ulysses is not None:
+                group, degree, _ = ulysses
+                # Back here with the whole sequence for this rank's heads, and no parallel config.
+                return ulysses_attend(self, query, key, value, attention_mask, call, group, degree)
         plan = self._visual_plan(call) if call.kind == "joint" else None
         if plan is None:
             return super().attend(query, key, value, attention_mask, call)
@@ -83,7 +90,9 @@ class JointVisualAttend:
         if grid is None or math.prod(grid) != visual_tokens:
             raise RuntimeError(
                 f"{self.method}: {self.layer} received {visual_tokens} visual tokens but the recorded token grid is "
-                f"{grid}; {self.method} needs the grid (FLUX img_ids / HunyuanVideo latent shape) of the denoiser call"
+                f"{grid}; {self.method} needs the grid (FLUX img_ids / HunyuanVideo latent shape) of the denoiser call "
+                "(with context parallelism: call enable_parallelism before accel.patch, so that accel's hook sees the "
+                "inputs before they are split)"
             )
         return grid
 

@@ -309,7 +309,7 @@ class AgentConfig(MethodConfig):
             raise InvalidOptionError(f"agent: seed={self.seed!r} must be an int or None")
 
 
-VMOBA_BACKENDS = ("auto", "torch", "reference")
+VMOBA_BACKENDS = ("auto", "torch", "triton", "reference")
 
 
 @dataclass(kw_only=True)
@@ -336,8 +336,9 @@ class VMoBAConfig(MethodConfig):
         dense_steps (`int`, defaults to `0`):
             The first denoising steps run dense (VMoBA's recipe keeps 12 of 50).
         backend (`str`, defaults to `"auto"`):
-            ``"torch"`` (queries grouped by block, one SDPA per group over the union of its blocks), ``"reference"``
-            (explicit mask, small sizes only); ``"auto"``: torch. The Triton kernel is not wired for VMoBA yet.
+            ``"triton"`` (the shared block-sparse kernel: a query tile walks the blocks its queries kept, each query
+            masked to its own; GPU), ``"torch"`` (per key block, the queries that kept it, merged by log-sum-exp),
+            ``"reference"`` (explicit mask, small sizes only); ``"auto"``: Triton on CUDA when available, else torch.
         layers (`str`, *optional*): see `MethodConfig`.
     """
 

@@ -159,17 +159,8 @@ def block_sparse_attention(
     plan = block_sparse_plan(neighborhood, tuple(tile or default_tile(neighborhood.grid)), query.device)
     out = torch.empty_like(query)
     lse = torch.empty(batch, heads, tokens, dtype=torch.float32, device=query.device)
+    text_key, text_value, text_mask, text_tokens = _text_arguments(query, value, extra_key, extra_value, extra_mask)
     has_text = extra_key is not None
-    if has_text:
-        text_key, text_value = extra_key, extra_value
-        text_mask = (
-            extra_mask.to(torch.int8).contiguous()
-            if extra_mask is not None
-            else torch.ones(1, 1, dtype=torch.int8, device=query.device)
-        )
-    else:
-        text_key, text_value, text_mask = query, value, torch.ones(1, 1, dtype=torch.int8, device=query.device)
-    text_tokens = text_key.shape[1] if has_text else 0
     block_d = max(16, _next_power_of_two(dim))
     query_tiles = plan.key_tiles.shape[0]
     scale = dim**-0.5 if scale is None else scale
@@ -191,6 +182,105 @@ def block_sparse_attention(
         UPCAST=query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         # Flash-attention's usual choice for 128 x 128 tiles; not yet tuned on a GPU (none was lent so far).
         num_warps=8 if math.prod(plan.tile) * block_d >= 128 * 128 else 4,
+        num_stages=2,
+    )  # fmt: skip
+    return out, lse
+
+
+def _text_arguments(query, value, extra_key, extra_value, extra_mask):
+    """The kernels' text operands; without text, stand-ins the kernel never reads."""
+    ones = torch.ones(1, 1, dtype=torch.int8, device=query.device)
+    if extra_key is None:
+        return query, value, ones, 0
+    mask = extra_mask.to(torch.int8).contiguous() if extra_mask is not None else ones
+    return extra_key, extra_value, mask, extra_key.shape[1]
+
+
+def tile_of_tokens(grid: tuple[int, ...], tile: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``[S]`` the query tile of each row-major token, numbered as the kernels walk tiles (raster order)."""
+    coords = torch.stack(torch.meshgrid(*(torch.arange(side) for side in grid), indexing="ij"), dim=-1).reshape(
+        -1, len(grid)
+    )
+    index = torch.zeros(coords.shape[0], dtype=torch.long)
+    for axis, (side, size) in enumerate(zip(grid, tile, strict=True)):
+        index = index * math.ceil(side / size) + coords[:, axis] // size
+    return index.to(device)
+
+
+def block_select_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    partition,
+    selected: torch.Tensor,
+    extra_key: torch.Tensor | None = None,
+    extra_value: torch.Tensor | None = None,
+    extra_mask: torch.Tensor | None = None,
+    tile: tuple[int, ...] | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VMoBA on the Triton kernel: each query attends the key blocks it selected, plus the extra (text) keys.
+
+    Args:
+        query, key, value: ``[B, S, H, D]`` on the ``partition``'s grid.
+        partition: an ``accel.kernels.vmoba.BlockPartition``.
+        selected: ``[B, H, S, C]`` booleans from ``select_blocks`` (per query, per block).
+        extra_key, extra_value, extra_mask: as in `block_sparse_attention`.
+        tile: power-of-two query tile per axis (``default_tile`` by default).
+
+    Returns:
+        ``(out [B, S, H, D], lse [B, H, S] fp32)``.
+
+    A query tile visits the union of its queries' blocks (per head, a variable number); rows that did not keep a
+    block are masked there, so the result is exactly the per-query selection.
+    """
+    if triton is None:
+        raise RuntimeError("the block-sparse kernel needs triton (pip install triton); use the torch path instead")
+    batch, tokens, heads, dim = query.shape
+    if tokens != partition.tokens:
+        raise ValueError(f"the grid {partition.grid} holds {partition.tokens} tokens, the sequence has {tokens}")
+    blocks = partition.num_blocks
+    if selected.shape != (batch, heads, tokens, blocks):
+        raise ValueError(
+            f"selected must be [B, H, S, C] = {(batch, heads, tokens, blocks)}, got {tuple(selected.shape)}"
+        )
+    tile = tuple(tile or default_tile(partition.grid))
+    pad = 3 - len(partition.grid)
+    grid3, tile3 = (1,) * pad + tuple(partition.grid), (1,) * pad + tile
+    query_tiles = math.prod(math.ceil(side / size) for side, size in zip(grid3, tile3, strict=True))
+
+    kept = selected.reshape(batch * heads, tokens, blocks).to(torch.uint8)
+    index = tile_of_tokens(partition.grid, tile, query.device)[None, :, None].expand_as(kept)
+    visited = torch.zeros(batch * heads, query_tiles, blocks, dtype=torch.uint8, device=query.device)
+    visited.scatter_reduce_(1, index, kept, reduce="amax")
+    visited = visited.bool()
+    counts = visited.sum(dim=-1).to(torch.int32)  # [BH, QT]
+    widest = max(int(counts.max()), 1)
+    key_blocks = torch.argsort((~visited).to(torch.int8), dim=-1, stable=True)[..., :widest].to(torch.int32)
+
+    out = torch.empty_like(query)
+    lse = torch.empty(batch, heads, tokens, dtype=torch.float32, device=query.device)
+    text_key, text_value, text_mask, text_tokens = _text_arguments(query, value, extra_key, extra_value, extra_mask)
+    block_tokens = partition.block_tokens.to(device=query.device, dtype=torch.int32).contiguous()
+    block_d = max(16, _next_power_of_two(dim))
+    scale = dim**-0.5 if scale is None else scale
+    _block_select_forward[(query_tiles, batch * heads)](
+        query, key, value, out, lse,
+        text_key, text_value, text_mask,
+        block_tokens, kept.contiguous(), key_blocks.contiguous(), counts.contiguous(),
+        *query.stride(), *key.stride(), *value.stride(), *out.stride(),
+        *text_key.stride(), *text_value.stride(), text_mask.stride(0),
+        heads, tokens, text_tokens, blocks, block_tokens.shape[1], widest, scale * 1.4426950408889634,
+        *grid3, dim,
+        T0=tile3[0], T1=tile3[1], T2=tile3[2],
+        BLOCK_N=64,
+        BLOCK_D=block_d,
+        BLOCK_TEXT=64,
+        HAS_TEXT=extra_key is not None,
+        HAS_TEXT_MASK=extra_key is not None and extra_mask is not None,
+        IEEE=query.dtype == torch.float32,
+        UPCAST=query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        num_warps=8 if math.prod(tile3) * block_d >= 128 * 128 else 4,
         num_stages=2,
     )  # fmt: skip
     return out, lse
@@ -301,31 +391,50 @@ if triton is not None:
             m_i, l_i, acc = _online_update(scores, allowed, m_i, l_i, acc, v, IEEE)
 
         if HAS_TEXT:
-            for first in range(0, text_tokens, BLOCK_TEXT):
-                t = first + tl.arange(0, BLOCK_TEXT)
-                t_valid = t < text_tokens
-                if HAS_TEXT_MASK:
-                    t_valid = t_valid & (tl.load(TMask + b * stmb + t, mask=t_valid, other=0) != 0)
-                tk = tl.load(
-                    TK + b * stkb + h * stkh + t[None, :] * stks + d[:, None] * stkd,
-                    mask=t_valid[None, :] & d_valid[:, None],
-                    other=0.0,
-                )
-                tv = tl.load(
-                    TV + b * stvb + h * stvh + t[:, None] * stvs + d[None, :] * stvd,
-                    mask=t_valid[:, None] & d_valid[None, :],
-                    other=0.0,
-                )
-                if UPCAST:
-                    tk = tk.to(tl.float32)
-                    tv = tv.to(tl.float32)
-                if IEEE:
-                    scores = tl.dot(q, tk, input_precision="ieee") * scale_log2
-                else:
-                    scores = tl.dot(q, tk) * scale_log2
-                allowed = t_valid[None, :] & (q_token[:, None] >= 0)
-                m_i, l_i, acc = _online_update(scores, allowed, m_i, l_i, acc, tv, IEEE)
+            m_i, l_i, acc = _attend_text(
+                q, q_token, d, d_valid, b, h, m_i, l_i, acc,
+                TK, TV, TMask, stkb, stks, stkh, stkd, stvb, stvs, stvh, stvd, stmb, text_tokens, scale_log2,
+                BLOCK_TEXT, HAS_TEXT_MASK, IEEE, UPCAST,
+            )  # fmt: skip
+        _store_output(
+            Out, Lse, acc, l_i, m_i, b, h, batch_head, q_token, q_valid, d, d_valid, sob, sos, soh, sod, tokens
+        )
 
+    @triton.jit
+    def _attend_text(
+        q, q_token, d, d_valid, b, h, m_i, l_i, acc,
+        TK, TV, TMask, stkb, stks, stkh, stkd, stvb, stvs, stvh, stvd, stmb, text_tokens, scale_log2,
+        BLOCK_TEXT: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ):  # fmt: skip
+        """The dense extra keys (text tokens, optional padding mask) every query of the tile attends."""
+        for first in range(0, text_tokens, BLOCK_TEXT):
+            t = first + tl.arange(0, BLOCK_TEXT)
+            t_valid = t < text_tokens
+            if HAS_TEXT_MASK:
+                t_valid = t_valid & (tl.load(TMask + b * stmb + t, mask=t_valid, other=0) != 0)
+            tk = tl.load(
+                TK + b * stkb + h * stkh + t[None, :] * stks + d[:, None] * stkd,
+                mask=t_valid[None, :] & d_valid[:, None],
+                other=0.0,
+            )
+            tv = tl.load(
+                TV + b * stvb + h * stvh + t[:, None] * stvs + d[None, :] * stvd,
+                mask=t_valid[:, None] & d_valid[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                tk = tk.to(tl.float32)
+                tv = tv.to(tl.float32)
+            if IEEE:
+                scores = tl.dot(q, tk, input_precision="ieee") * scale_log2
+            else:
+                scores = tl.dot(q, tk) * scale_log2
+            allowed = t_valid[None, :] & (q_token[:, None] >= 0)
+            m_i, l_i, acc = _online_update(scores, allowed, m_i, l_i, acc, tv, IEEE)
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _store_output(Out, Lse, acc, l_i, m_i, b, h, batch_head, q_token, q_valid, d, d_valid, sob, sos, soh, sod, tokens):  # fmt: skip
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
         tl.store(
@@ -336,3 +445,80 @@ if triton is not None:
         # Natural-log LSE, so results can be merged with other attention outputs.
         lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
         tl.store(Lse + batch_head * tokens + q_token, lse, mask=q_valid)
+
+    @triton.jit
+    def _block_select_forward(
+        Q, K, V, Out, Lse,
+        TK, TV, TMask,
+        BlockTokens, Selected, KeyBlocks, KeyBlockCounts,
+        sqb, sqs, sqh, sqd, skb, sks, skh, skd, svb, svs, svh, svd, sob, sos, soh, sod,
+        stkb, stks, stkh, stkd, stvb, stvs, stvh, stvd, stmb,
+        heads, tokens, text_tokens, blocks, block_size, max_count, scale_log2,
+        G0, G1, G2, head_dim,
+        T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_TEXT: tl.constexpr,
+        HAS_TEXT: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ):  # fmt: skip
+        """VMoBA: a query tile walks the key blocks any of its queries kept (this head's list); each query attends
+        only the blocks it kept itself (its row of the selection), then the text keys."""
+        query_tile = tl.program_id(0)
+        batch_head = tl.program_id(1)
+        b = batch_head // heads
+        h = batch_head % heads
+        query_tiles = tl.num_programs(0)
+
+        q0, q1, q2 = _tile_coordinates(query_tile, G1, G2, T0, T1, T2)
+        q_valid = (q0 < G0) & (q1 < G1) & (q2 < G2)
+        q_token = (q0 * G1 + q1) * G2 + q2
+        d = tl.arange(0, BLOCK_D)
+        d_valid = d < head_dim
+        q = tl.load(
+            Q + b * sqb + h * sqh + q_token[:, None] * sqs + d[None, :] * sqd,
+            mask=q_valid[:, None] & d_valid[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            q = q.to(tl.float32)
+
+        m_i = tl.full([T0 * T1 * T2], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([T0 * T1 * T2], dtype=tl.float32)
+        acc = tl.zeros([T0 * T1 * T2, BLOCK_D], dtype=tl.float32)
+
+        unit = batch_head * query_tiles + query_tile
+        count = tl.load(KeyBlockCounts + unit)
+        for j in range(0, count):
+            block = tl.load(KeyBlocks + unit * max_count + j)
+            kept = tl.load(Selected + (batch_head * tokens + q_token) * blocks + block, mask=q_valid, other=0) != 0
+            for first in range(0, block_size, BLOCK_N):
+                n = first + tl.arange(0, BLOCK_N)
+                k_token = tl.load(BlockTokens + block * block_size + n, mask=n < block_size, other=-1)
+                k_valid = k_token >= 0
+                k = tl.load(
+                    K + b * skb + h * skh + k_token[None, :] * sks + d[:, None] * skd,
+                    mask=k_valid[None, :] & d_valid[:, None],
+                    other=0.0,
+                )
+                v = tl.load(
+                    V + b * svb + h * svh + k_token[:, None] * svs + d[None, :] * svd,
+                    mask=k_valid[:, None] & d_valid[None, :],
+                    other=0.0,
+                )
+                if UPCAST:
+                    k = k.to(tl.float32)
+                    v = v.to(tl.float32)
+                if IEEE:
+                    scores = tl.dot(q, k, input_precision="ieee") * scale_log2
+                else:
+                    scores = tl.dot(q, k) * scale_log2
+                allowed = kept[:, None] & k_valid[None, :]
+                m_i, l_i, acc = _online_update(scores, allowed, m_i, l_i, acc, v, IEEE)
+
+        if HAS_TEXT:
+            m_i, l_i, acc = _attend_text(
+                q, q_token, d, d_valid, b, h, m_i, l_i, acc,
+                TK, TV, TMask, stkb, stks, stkh, stkd, stvb, stvs, stvh, stvd, stmb, text_tokens, scale_log2,
+                BLOCK_TEXT, HAS_TEXT_MASK, IEEE, UPCAST,
+            )  # fmt: skip
+        _store_output(
+            Out, Lse, acc, l_i, m_i, b, h, batch_head, q_token, q_valid, d, d_valid, sob, sos, soh, sod, tokens
+        )

@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from accel.kernels.neighborhood import (
     Neighborhood,
     neighborhood_attention_reference,
@@ -73,24 +71,6 @@ class _NeighborhoodAttend(JointVisualAttend):
         if backend == "reference":
             return neighborhood_attention_reference(query, key, value, neighborhood, text_key, text_value, text_mask)
         return neighborhood_attention_tiled(query, key, value, neighborhood, text_key, text_value, text_mask)
-
-    def _backend_for(self, device: torch.device) -> str:
-        if self.backend != "auto":
-            if self.backend == "triton":
-                from accel.kernels.block_sparse import triton_usable
-
-                if not triton_usable(device):
-                    raise RuntimeError(
-                        f"gna: backend='triton' needs a CUDA device and triton (tensors are on {device}); "
-                        "use backend='torch' or 'auto'"
-                    )
-            return self.backend
-        if device.type == "cuda":
-            from accel.kernels.block_sparse import triton_usable
-
-            if triton_usable(device):
-                return "triton"
-        return "torch"
 
     def _neighborhood(self, visual_tokens: int) -> Neighborhood:
         grid = self._visual_grid(visual_tokens)

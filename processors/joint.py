@@ -24,6 +24,7 @@ class JointVisualAttend:
 
     method = ""  # the method's registry name, for messages
     dense_steps = 0  # the first denoising steps run dense
+    backend = "auto"  # "auto", "torch", "triton" or "reference" (what each method offers)
     _warned_no_schedule = False
 
     # Key of the per-call text padding mask in the patch context's scratch space (shared by a call's layers).
@@ -65,6 +66,19 @@ class JointVisualAttend:
         text_out = super().attend(query[:, text_part], key, value, attention_mask, call)
         parts = [text_out, visual_out] if call.text_first else [visual_out, text_out]
         return torch.cat([part.to(query.dtype) for part in parts], dim=1)
+
+    def _backend_for(self, device: torch.device) -> str:
+        """The kernel to run on ``device``: ``self.backend`` checked, or ``"auto"`` resolved (Triton on CUDA)."""
+        from accel.kernels.block_sparse import triton_usable
+
+        if self.backend == "triton" and not triton_usable(device):
+            raise RuntimeError(
+                f"{self.method}: backend='triton' needs a CUDA device and triton (tensors are on {device}); "
+                "use backend='torch' or 'auto'"
+            )
+        if self.backend != "auto":
+            return self.backend
+        return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
 
     def _dense_step(self) -> bool:
         """Whether this call falls in the first ``dense_steps`` steps (known only when a pipeline was patched)."""

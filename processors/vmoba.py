@@ -52,7 +52,13 @@ class _BlockAttend(JointVisualAttend):
 
     def _visual_attention(self, query, key, value, text_key, text_value, text_mask, partition):
         selected = select_blocks(query, key, partition, self.threshold)
-        attend = block_attention_reference if self.backend == "reference" else block_attention_sparse
+        backend = self._backend_for(query.device)
+        if backend == "triton":
+            from accel.kernels.block_sparse import block_select_attention
+
+            out, _ = block_select_attention(query, key, value, partition, selected, text_key, text_value, text_mask)
+            return out
+        attend = block_attention_reference if backend == "reference" else block_attention_sparse
         return attend(query, key, value, partition, selected, text_key, text_value, text_mask)
 
     def __repr__(self) -> str:

@@ -103,3 +103,57 @@ def test_bad_tile_is_refused():
     hood = Neighborhood.create((8, 8), 3)
     with pytest.raises(ValueError, match="power of two"):
         block_sparse.block_sparse_plan(hood, (3, 4), torch.device("cpu"))
+
+
+VMOBA_CASES = [
+    # grid, block, tile, head_dim, threshold
+    ((6, 10), (3, 4), (4, 4), 16, 0.3),  # partial blocks and partial tiles
+    ((3, 6, 8), (1, None, None), (1, 4, 4), 16, 0.5),  # frames
+    ((3, 6, 8), (3, 3, 3), (2, 4, 4), 24, 0.25),  # cubes; odd head dim padded to 32
+    ((40,), (7,), (16,), 16, 0.4),
+]
+
+
+@pytest.mark.parametrize("grid, block, tile, head_dim, threshold", VMOBA_CASES)
+def test_vmoba_kernel_matches_the_reference(grid, block, tile, head_dim, threshold):
+    from accel.kernels.vmoba import block_attention_reference, block_partition, select_blocks
+
+    partition = block_partition(grid, block)
+    q, k, v, text_k, text_v = _inputs(partition.tokens, 2, head_dim, torch.float32, text=20)
+    selected = select_blocks(q, k, partition, threshold)
+    # Each query keeps its own selection: some rows of a tile keep a block the others do not.
+    assert not bool(selected.all()) and bool(selected.any(dim=2).any())
+    text_mask = torch.ones(2, 20, dtype=torch.bool, device=DEVICE)
+    text_mask[0, 13:] = False
+    out, lse = block_sparse.block_select_attention(q, k, v, partition, selected, text_k, text_v, text_mask, tile=tile)
+    expected = block_attention_reference(q, k, v, partition, selected, text_k, text_v, text_mask)
+    torch.testing.assert_close(out, expected, atol=TOLERANCE[torch.float32], rtol=TOLERANCE[torch.float32])
+    mask = selected[..., partition.block_of_token.to(q.device)]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * head_dim**-0.5
+    text_scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), text_k.double()) * head_dim**-0.5
+    scores = torch.cat(
+        [scores.masked_fill(~mask, float("-inf")), text_scores.masked_fill(~text_mask[:, None, None], float("-inf"))],
+        -1,
+    )
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, dim=-1), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_vmoba_kernel_half_precision(dtype):
+    from accel.kernels.vmoba import block_attention_reference, block_partition, select_blocks
+
+    partition = block_partition((4, 8, 8), (2, 4, 4))
+    q, k, v, _, _ = _inputs(partition.tokens, 2, 16, dtype)
+    selected = select_blocks(q, k, partition, 0.3)
+    out, _ = block_sparse.block_select_attention(q, k, v, partition, selected, tile=(2, 4, 4))
+    expected = block_attention_reference(q.float(), k.float(), v.float(), partition, selected)
+    torch.testing.assert_close(out.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_vmoba_kernel_rejects_a_mismatched_selection():
+    from accel.kernels.vmoba import block_partition
+
+    partition = block_partition((4, 8), (2, 4))
+    q, k, v, _, _ = _inputs(partition.tokens, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"selected must be \[B, H, S, C\]"):
+        block_sparse.block_select_attention(q, k, v, partition, torch.ones(2, 2, 32, 3, dtype=torch.bool))

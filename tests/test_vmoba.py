@@ -173,6 +173,11 @@ def test_threshold_one_equals_unpatched_and_the_sparse_paths_agree(pipeline, req
     assert np.isfinite(sparse).all() and np.abs(sparse - reference).max() > 1e-3
     accel.patch(pipeline, "vmoba", threshold=0.25, blocks=blocks, backend="reference")
     assert np.abs(generate(pipeline, name) - sparse).max() <= 1e-4
+    from accel.kernels.block_sparse import triton_usable
+
+    if triton_usable("cpu"):  # the Triton kernel under the interpreter (natively on a GPU)
+        accel.patch(pipeline, "vmoba", threshold=0.25, blocks=blocks, backend="triton")
+        assert np.abs(generate(pipeline, name) - sparse).max() <= 1e-4
     accel.patch(pipeline, "vmoba", threshold=0.25, blocks=blocks, dense_steps=2)
     assert np.array_equal(generate(pipeline, name), reference)  # both steps dense
     accel.unpatch(pipeline)
@@ -188,7 +193,7 @@ def test_threshold_one_equals_unpatched_and_the_sparse_paths_agree(pipeline, req
         (dict(blocks=[]), "non-empty list of block shapes"),
         (dict(blocks=[(2, 0, None)]), "must hold positive ints or None"),
         (dict(blocks=[(2, 4)]), "block (2, 4) has 2 sides but hunyuanvideo token grids have 3"),
-        (dict(backend="triton"), "backend='triton' must be one of auto, torch, reference"),
+        (dict(backend="cuda"), "backend='cuda' must be one of auto, torch, triton, reference"),
     ],
 )
 def test_bad_configs_are_refused(tiny_pipelines, options, words):

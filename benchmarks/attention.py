@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import add_common_arguments, device_name, median_seconds, run_suite
+from common import add_common_arguments, device_name, median_seconds, run_suite, save_figure
 
 import accel
 from accel import metrics
@@ -269,9 +269,7 @@ def _plot_sweep(result: dict, path: Path) -> None:
         f"baseline: {result['baseline']}",
         fontsize=8,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # model, generation size, GNA options, steps for timing
@@ -366,9 +364,7 @@ def _plot(result: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     ax.set_title(f"GNA {result['suite']} on {result['device']}, {result['dtype']}; baseline: {baseline}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

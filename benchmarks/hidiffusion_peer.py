@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import device_name, save_results
+from common import device_name, save_figure, save_results
 from peers import import_hidiffusion
 
 import accel
@@ -173,9 +173,7 @@ def _plot(result: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     ax.set_title(f"HiDiffusion on {result['device']}, fp32, {rows[0]['steps']} steps; baseline: unpatched", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import device_name, environment
+from common import device_name, environment, save_figure
 
 import accel
 from accel import metrics
@@ -285,9 +285,7 @@ def _plot(summary: dict, sides: list[str], result: dict, path: Path) -> None:
         f"{result['images_per_prompt']} seeds/prompt; baseline: unpatched",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --quick: one prompt of each of two groups, one image each, at 1x and 2x, 4 steps.

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import add_common_arguments, device_name, median_seconds, plot_speedups, run_suite
+from common import add_common_arguments, device_name, median_seconds, plot_speedups, run_suite, save_figure
 
 import accel
 from accel import metrics
@@ -191,9 +191,7 @@ def _plot(result: dict, path: Path) -> None:
             "4 heads x 64; baseline: dense SDPA",
             fontsize=8,
         )
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        save_figure(fig, path)
         return
     if result["suite"] == "op":
         labels = [f"{r['tokens'] // 1000}K {r['partition'].split()[0]}" for r in rows]

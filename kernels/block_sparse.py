@@ -299,6 +299,51 @@ if triton is not None:
         return c0, c1, c2
 
     @triton.jit
+    def _load_query_tile(
+        Q, query_tile, b, h, sqb, sqs, sqh, sqd, G0, G1, G2, head_dim,
+        T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+    ):  # fmt: skip
+        """The query tile's rows (addressed in place from grid coordinates) and the coordinates themselves."""
+        q0, q1, q2 = _tile_coordinates(query_tile, G1, G2, T0, T1, T2)
+        q_valid = (q0 < G0) & (q1 < G1) & (q2 < G2)
+        q_token = (q0 * G1 + q1) * G2 + q2
+        d = tl.arange(0, BLOCK_D)
+        d_valid = d < head_dim
+        q = tl.load(
+            Q + b * sqb + h * sqh + q_token[:, None] * sqs + d[None, :] * sqd,
+            mask=q_valid[:, None] & d_valid[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            q = q.to(tl.float32)
+        return q, q0, q1, q2, q_valid, q_token, d, d_valid
+
+    @triton.jit
+    def _keys_scores(
+        q, K, V, b, h, k_token, k_valid, d, d_valid, skb, sks, skh, skd, svb, svs, svh, svd, scale_log2,
+        IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    ):  # fmt: skip
+        """Scores of the tile's queries against the keys at ``k_token`` (row indices, any order), and their values."""
+        k = tl.load(
+            K + b * skb + h * skh + k_token[None, :] * sks + d[:, None] * skd,
+            mask=k_valid[None, :] & d_valid[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            V + b * svb + h * svh + k_token[:, None] * svs + d[None, :] * svd,
+            mask=k_valid[:, None] & d_valid[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        if IEEE:
+            scores = tl.dot(q, k, input_precision="ieee") * scale_log2
+        else:
+            scores = tl.dot(q, k) * scale_log2
+        return scores, v
+
+    @triton.jit
     def _online_update(scores, allowed, m_i, l_i, acc, v, IEEE: tl.constexpr):
         scores = tl.where(allowed, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -331,18 +376,9 @@ if triton is not None:
         b = batch_head // heads
         h = batch_head % heads
 
-        q0, q1, q2 = _tile_coordinates(query_tile, G1, G2, T0, T1, T2)
-        q_valid = (q0 < G0) & (q1 < G1) & (q2 < G2)
-        q_token = (q0 * G1 + q1) * G2 + q2
-        d = tl.arange(0, BLOCK_D)
-        d_valid = d < head_dim
-        q = tl.load(
-            Q + b * sqb + h * sqh + q_token[:, None] * sqs + d[None, :] * sqd,
-            mask=q_valid[:, None] & d_valid[None, :],
-            other=0.0,
+        q, q0, q1, q2, q_valid, q_token, d, d_valid = _load_query_tile(
+            Q, query_tile, b, h, sqb, sqs, sqh, sqd, G0, G1, G2, head_dim, T0, T1, T2, BLOCK_D, UPCAST
         )
-        if UPCAST:
-            q = q.to(tl.float32)
         # Each query's window per axis, in units of its dilation sub-grid.
         start0 = tl.load(Windows + q0, mask=q_valid, other=0)
         end0 = tl.load(Windows + windows_len + q0, mask=q_valid, other=0)
@@ -362,23 +398,10 @@ if triton is not None:
             k0, k1, k2 = _tile_coordinates(entry // 2, G1, G2, T0, T1, T2)
             k_valid = (k0 < G0) & (k1 < G1) & (k2 < G2)
             k_token = (k0 * G1 + k1) * G2 + k2
-            k = tl.load(
-                K + b * skb + h * skh + k_token[None, :] * sks + d[:, None] * skd,
-                mask=k_valid[None, :] & d_valid[:, None],
-                other=0.0,
-            )
-            v = tl.load(
-                V + b * svb + h * svh + k_token[:, None] * svs + d[None, :] * svd,
-                mask=k_valid[:, None] & d_valid[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            if IEEE:
-                scores = tl.dot(q, k, input_precision="ieee") * scale_log2
-            else:
-                scores = tl.dot(q, k) * scale_log2
+            scores, v = _keys_scores(
+                q, K, V, b, h, k_token, k_valid, d, d_valid, skb, sks, skh, skd, svb, svs, svh, svd, scale_log2,
+                IEEE, UPCAST,
+            )  # fmt: skip
             allowed = k_valid[None, :] & (q_token[:, None] >= 0)
             if entry % 2 == 1:
                 inside = (k0[None, :] % D0 == group0[:, None]) & (k0[None, :] // D0 >= start0[:, None])
@@ -412,23 +435,10 @@ if triton is not None:
             t_valid = t < text_tokens
             if HAS_TEXT_MASK:
                 t_valid = t_valid & (tl.load(TMask + b * stmb + t, mask=t_valid, other=0) != 0)
-            tk = tl.load(
-                TK + b * stkb + h * stkh + t[None, :] * stks + d[:, None] * stkd,
-                mask=t_valid[None, :] & d_valid[:, None],
-                other=0.0,
-            )
-            tv = tl.load(
-                TV + b * stvb + h * stvh + t[:, None] * stvs + d[None, :] * stvd,
-                mask=t_valid[:, None] & d_valid[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                tk = tk.to(tl.float32)
-                tv = tv.to(tl.float32)
-            if IEEE:
-                scores = tl.dot(q, tk, input_precision="ieee") * scale_log2
-            else:
-                scores = tl.dot(q, tk) * scale_log2
+            scores, tv = _keys_scores(
+                q, TK, TV, b, h, t, t_valid, d, d_valid, stkb, stks, stkh, stkd, stvb, stvs, stvh, stvd, scale_log2,
+                IEEE, UPCAST,
+            )  # fmt: skip
             allowed = t_valid[None, :] & (q_token[:, None] >= 0)
             m_i, l_i, acc = _online_update(scores, allowed, m_i, l_i, acc, tv, IEEE)
         return m_i, l_i, acc
@@ -467,18 +477,9 @@ if triton is not None:
         h = batch_head % heads
         query_tiles = tl.num_programs(0)
 
-        q0, q1, q2 = _tile_coordinates(query_tile, G1, G2, T0, T1, T2)
-        q_valid = (q0 < G0) & (q1 < G1) & (q2 < G2)
-        q_token = (q0 * G1 + q1) * G2 + q2
-        d = tl.arange(0, BLOCK_D)
-        d_valid = d < head_dim
-        q = tl.load(
-            Q + b * sqb + h * sqh + q_token[:, None] * sqs + d[None, :] * sqd,
-            mask=q_valid[:, None] & d_valid[None, :],
-            other=0.0,
+        q, q0, q1, q2, q_valid, q_token, d, d_valid = _load_query_tile(
+            Q, query_tile, b, h, sqb, sqs, sqh, sqd, G0, G1, G2, head_dim, T0, T1, T2, BLOCK_D, UPCAST
         )
-        if UPCAST:
-            q = q.to(tl.float32)
 
         m_i = tl.full([T0 * T1 * T2], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([T0 * T1 * T2], dtype=tl.float32)
@@ -493,23 +494,10 @@ if triton is not None:
                 n = first + tl.arange(0, BLOCK_N)
                 k_token = tl.load(BlockTokens + block * block_size + n, mask=n < block_size, other=-1)
                 k_valid = k_token >= 0
-                k = tl.load(
-                    K + b * skb + h * skh + k_token[None, :] * sks + d[:, None] * skd,
-                    mask=k_valid[None, :] & d_valid[:, None],
-                    other=0.0,
-                )
-                v = tl.load(
-                    V + b * svb + h * svh + k_token[:, None] * svs + d[None, :] * svd,
-                    mask=k_valid[:, None] & d_valid[None, :],
-                    other=0.0,
-                )
-                if UPCAST:
-                    k = k.to(tl.float32)
-                    v = v.to(tl.float32)
-                if IEEE:
-                    scores = tl.dot(q, k, input_precision="ieee") * scale_log2
-                else:
-                    scores = tl.dot(q, k) * scale_log2
+                scores, v = _keys_scores(
+                    q, K, V, b, h, k_token, k_valid, d, d_valid, skb, sks, skh, skd, svb, svs, svh, svd, scale_log2,
+                    IEEE, UPCAST,
+                )  # fmt: skip
                 allowed = kept[:, None] & k_valid[None, :]
                 m_i, l_i, acc = _online_update(scores, allowed, m_i, l_i, acc, v, IEEE)
 

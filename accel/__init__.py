@@ -9,7 +9,15 @@ accel.unpatch(pipe)                       # restored bit for bit
 
 from accel import builtin as _builtin  # noqa: F401  (registers the built-in methods)
 from accel.api import PatchHandle, get_patch, patch, patched, unpatch
-from accel.config import AgentConfig, DenseConfig, GNAConfig, HiDiffusionConfig, MethodConfig, VMoBAConfig
+from accel.config import (
+    AgentConfig,
+    DenseConfig,
+    GNAConfig,
+    HiDiffusionConfig,
+    MethodConfig,
+    StructuredConfig,
+    VMoBAConfig,
+)
 from accel.errors import (
     AccelError,
     InvalidOptionError,
@@ -38,6 +46,7 @@ __all__ = [
     "PatchHandle",
     "PatchPlan",
     "PipelineNotFoundError",
+    "StructuredConfig",
     "UnknownMethodError",
     "UnsupportedModelError",
     "VMoBAConfig",

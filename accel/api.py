@@ -210,6 +210,21 @@ def _check_replaceable(plan: PatchPlan, family: ModelFamily, originals: dict[str
             )
 
 
+def _wrap_attribute(owner: Any, attribute: str, wrapper) -> Any:
+    """Set ``owner.attribute = wrapper(current)``; return the undo, which leaves the instance as it was."""
+    had_own = attribute in vars(owner)
+    previous = vars(owner).get(attribute)
+    setattr(owner, attribute, wrapper(getattr(owner, attribute)))
+
+    def restore() -> None:
+        if had_own:
+            setattr(owner, attribute, previous)
+        else:
+            vars(owner).pop(attribute, None)
+
+    return restore
+
+
 # What diffusers' own switches set on processors (set_attention_backend, enable_parallelism): carried across patching.
 _CARRIED_ATTRIBUTES = ("_attention_backend", "_parallel_config")
 
@@ -233,6 +248,8 @@ def _commit(plan: PatchPlan, configs: list[MethodConfig], originals: dict[str, A
         undo.append(install_hook(denoiser, StepStateHook(plan.family, plan.context, plan.pipeline), STEP_HOOK_NAME))
         for module, hook, name in plan.hooks:
             undo.append(install_hook(module, hook, name))
+        for attribute, wrapper in plan.pipeline_wrappers:
+            undo.append(_wrap_attribute(plan.pipeline, attribute, wrapper))
     except Exception:
         denoiser.set_attn_processor(dict(originals))
         for step in reversed(undo):

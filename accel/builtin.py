@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from accel.config import AgentConfig, DenseConfig, GNAConfig, HiDiffusionConfig, VMoBAConfig
+from accel.config import AgentConfig, DenseConfig, GNAConfig, HiDiffusionConfig, StructuredConfig, VMoBAConfig
 from accel.errors import InvalidOptionError, UnsupportedModelError
 from accel.plan import PatchPlan
 from accel.registry import register_method
@@ -136,3 +136,19 @@ def apply_vmoba(plan: PatchPlan, config: VMoBAConfig) -> None:
             backend=config.backend,
         )
         plan.set_processor(site, processor)
+
+
+@register_method(StructuredConfig, families=("unet",))
+def apply_structured(plan: PatchPlan, config: StructuredConfig) -> None:
+    from accel.pipelines.structured import encode_prompt_wrapper
+    from accel.processors.structured import StructuredAttnProcessor, StructuredValues
+
+    pipe = plan.pipeline
+    if pipe is not None and "text_encoder_2" in pipe.components:
+        raise UnsupportedModelError(
+            "structured: SD 1.x / 2.x pipelines (one text encoder) are supported; SDXL's two encoders are not yet"
+        )
+    shared = StructuredValues()
+    plan.wrap_pipeline("encode_prompt", encode_prompt_wrapper(pipe, shared, config.noun_phrases, config.parser))
+    for site in plan.select(config, kinds=("cross",)):
+        plan.set_processor(site, StructuredAttnProcessor(context=plan.context, layer=site.name, shared=shared))

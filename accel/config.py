@@ -397,3 +397,48 @@ def _pair(config: MethodConfig, option: str, value) -> tuple[int, int]:
     if pair is None or len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
         raise InvalidOptionError(f"{config.name}: {option}={value!r} must be a positive int or a pair of them")
     return pair
+
+
+STRUCTURED_PARSERS = ("auto", "builtin", "spacy")
+
+
+@dataclass(kw_only=True)
+class StructuredConfig(MethodConfig):
+    """Structured Diffusion Guidance (SD 1.x / 2.x): cross-attention values from the prompt's noun phrases.
+
+    Each noun phrase is encoded on its own and written over its tokens in a copy of the prompt embedding; every
+    cross-attention layer keeps the prompt's attention map (keys) and projects its values from the average of the
+    prompt embedding and these copies (one projection: ``to_v`` is linear), on the conditional half of classifier-free
+    guidance, at every step. A prompt that is a single noun phrase is left exactly as it is.
+
+    Args:
+        noun_phrases (`list[str]`, *optional*):
+            The phrases to use, each a run of the prompt's words (e.g. ``["a red circle", "a blue square"]``); an
+            error lists the prompt's words when one is not in it. ``None``: found by ``parser`` in each prompt.
+        parser (`str`, defaults to `"auto"`):
+            ``"spacy"`` (spaCy's noun chunks; needs ``en_core_web_sm``), ``"builtin"`` (cuts at conjunctions,
+            prepositions, relation words and commas), ``"auto"``: spaCy when its English model is installed, else
+            the built-in chunker.
+        layers (`str`, *optional*): narrows the cross-attention layers (see `MethodConfig`).
+    """
+
+    name: ClassVar[str] = "structured"
+
+    noun_phrases: list[str] | None = None
+    parser: str = field(default="auto", metadata={"choices": STRUCTURED_PARSERS})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.noun_phrases is not None:
+            if isinstance(self.noun_phrases, str) or not all(
+                isinstance(p, str) and p.strip() for p in self.noun_phrases
+            ):
+                raise InvalidOptionError(
+                    f"structured: noun_phrases={self.noun_phrases!r} must be a list of phrases, e.g. "
+                    "['a red circle', 'a blue square']"
+                )
+            self.noun_phrases = list(self.noun_phrases)
+        if self.parser not in STRUCTURED_PARSERS:
+            raise InvalidOptionError(
+                f"structured: parser={self.parser!r} must be one of {', '.join(STRUCTURED_PARSERS)}"
+            )

@@ -34,6 +34,7 @@ class PatchPlan:
         self.processors: dict[str, tuple[str, Any]] = {}
         self.hooks: list[tuple[torch.nn.Module, Any, str]] = []
         self.undo: list[Callable[[], None]] = []
+        self.pipeline_wrappers: list[tuple[str, Callable[[Callable], Callable]]] = []
         self._method = ""
 
     def begin(self, config: MethodConfig) -> None:
@@ -77,6 +78,16 @@ class PatchPlan:
     def add_hook(self, module: torch.nn.Module, hook: Any, name: str) -> None:
         """Register a ``diffusers.hooks.ModelHook`` on ``module`` when the patch is applied; removed by unpatch."""
         self.hooks.append((module, hook, name))
+
+    def wrap_pipeline(self, attribute: str, wrapper: Callable[[Callable], Callable]) -> None:
+        """Replace the pipeline's method ``attribute`` by ``wrapper(original)`` while patched (e.g. to see the prompt
+        in ``encode_prompt``); the instance attribute is removed again by unpatch."""
+        if self.pipeline is None or not callable(getattr(self.pipeline, attribute, None)):
+            raise InvalidOptionError(
+                f"{self._method}: needs the pipeline (its {attribute}); pass the pipeline to accel.patch, not the "
+                f"{type(self.denoiser).__name__}"
+            )
+        self.pipeline_wrappers.append((attribute, wrapper))
 
     def on_remove(self, undo: Callable[[], None]) -> None:
         """Call ``undo`` when the patch is removed (after processors and hooks are restored)."""

@@ -125,7 +125,8 @@ class DenseAttnProcessor(DenseAttentionProcessorBase):
 
         if is_cross and attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        query, key, value = _legacy_qkv(attn, hidden_states, encoder_hidden_states if is_cross else hidden_states)
+        context = encoder_hidden_states if is_cross else hidden_states
+        query, key, value = _legacy_qkv(attn, hidden_states, context, self._value_context(context, is_cross))
 
         head_dim = key.shape[-1] // attn.heads
         query = query.view(batch_size, -1, attn.heads, head_dim)
@@ -155,6 +156,10 @@ class DenseAttnProcessor(DenseAttentionProcessorBase):
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
+    def _value_context(self, context: torch.Tensor, is_cross: bool) -> torch.Tensor:
+        """What ``to_v`` projects (the keys' context here; structured guidance gives the values their own)."""
+        return context
+
     def attend(self, query, key, value, attention_mask, call):
         if self._attention_backend is None and self._parallel_config is None:
             # diffusers' UNet processor calls SDPA directly (never the dispatcher), so the UNet keeps following
@@ -171,14 +176,19 @@ class DenseAttnProcessor(DenseAttentionProcessorBase):
         return super().attend(query, key, value, attention_mask, call)
 
 
-def _legacy_qkv(attn, hidden_states: torch.Tensor, context_states: torch.Tensor):
-    """q, k, v projections of a legacy ``Attention``, using fused weights when ``fuse_projections`` made them."""
+def _legacy_qkv(attn, hidden_states: torch.Tensor, context_states: torch.Tensor, value_states: torch.Tensor):
+    """q, k, v projections of a legacy ``Attention``, using fused weights when ``fuse_projections`` made them;
+    ``value_states`` feeds ``to_v`` (it is ``context_states`` except under structured guidance)."""
+    separate_values = value_states is not context_states
     if getattr(attn, "fused_projections", False):
         if attn.is_cross_attention:
             key, value = attn.to_kv(context_states).chunk(2, dim=-1)
+            if separate_values:
+                value = attn.to_kv(value_states).chunk(2, dim=-1)[1]
             return attn.to_q(hidden_states), key, value
-        return attn.to_qkv(hidden_states).chunk(3, dim=-1)
-    return attn.to_q(hidden_states), attn.to_k(context_states), attn.to_v(context_states)
+        if not separate_values:
+            return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    return attn.to_q(hidden_states), attn.to_k(context_states), attn.to_v(value_states)
 
 
 class DenseFluxAttnProcessor(DenseAttentionProcessorBase):

@@ -1,0 +1,169 @@
+"""Prompt structure for the cross-attention controls: which tokens a word occupies, and the prompt's noun phrases.
+
+Positions are found by tokenizing growing prefixes of the prompt's words, so they are right for any tokenizer that
+splits at whitespace (CLIP's BPE, where one word may be several tokens, and word-level vocabularies alike), and they
+include the tokenizer's BOS offset.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+from accel.errors import InvalidOptionError
+
+# Words that end a noun phrase in the built-in chunker: conjunctions, prepositions and relation words.
+_BOUNDARIES = frozenset(
+    "and or with without on in under over above below behind beside near next to of left right at by".split()
+)
+
+
+@dataclass(frozen=True)
+class PromptWord:
+    text: str
+    index: int  # position among the prompt's words
+    tokens: tuple[int, ...]  # positions in the tokenized prompt (BOS included in the count)
+
+
+def prompt_words(tokenizer, prompt: str) -> list[PromptWord]:
+    """The prompt's whitespace words with the token positions each occupies (words past the length limit dropped)."""
+    words = prompt.split()
+    ids = _token_ids(tokenizer, prompt)
+    offset = 1 if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else 0
+    limit = tokenizer.model_max_length - offset - 1
+    result, used = [], 0
+    for index, word in enumerate(words):
+        count = len(_token_ids(tokenizer, " ".join(words[: index + 1]), special=False))
+        if count > limit:
+            break
+        result.append(PromptWord(word, index, tuple(range(offset + used, offset + count))))
+        used = count
+    return result
+
+
+def word_positions(tokenizer, prompt: str, words: list[str | int]) -> list[tuple[int, ...]]:
+    """Token positions of each requested word (or token index, given as an int).
+
+    A word matches a prompt word case-insensitively, ignoring punctuation around it; the first occurrence is used.
+    Raises `InvalidOptionError` listing the prompt's words for a word that is not in it.
+    """
+    found = prompt_words(tokenizer, prompt)
+    positions = []
+    for word in words:
+        if isinstance(word, int) and not isinstance(word, bool):
+            if not 0 < word < tokenizer.model_max_length:
+                raise InvalidOptionError(
+                    f"token index {word} is outside the prompt's 1..{tokenizer.model_max_length - 1}"
+                )
+            positions.append((word,))
+            continue
+        wanted = _normalise(str(word))
+        match = next((w for w in found if _normalise(w.text) == wanted), None)
+        if match is None:
+            listed = ", ".join(repr(w.text) for w in found)
+            cut = len(prompt.split()) - len(found)
+            truncated = (
+                f" (the {cut} words after those do not fit the tokenizer's {tokenizer.model_max_length} tokens)"
+                if cut
+                else ""
+            )
+            raise InvalidOptionError(
+                f"{word!r} is not a word of the prompt {prompt!r}; its words are: {listed}{truncated}"
+            )
+        positions.append(match.tokens)
+    return positions
+
+
+@dataclass(frozen=True)
+class NounPhrase:
+    text: str
+    words: tuple[int, int]  # [first, last) word indices in the prompt
+
+
+def noun_phrases(prompt: str, parser: str = "auto") -> list[NounPhrase]:
+    """The prompt's noun phrases of more than one word, left to right.
+
+    ``parser``: ``"spacy"`` (``doc.noun_chunks`` of ``en_core_web_sm``; an error if it is not installed),
+    ``"builtin"`` (a chunker that cuts at conjunctions, prepositions, relation words and punctuation: right for
+    "a red circle and a blue square", "a green star left of a red circle"), ``"auto"``: spaCy when its English model
+    is installed, the built-in chunker otherwise.
+    """
+    if parser not in ("auto", "spacy", "builtin"):
+        raise InvalidOptionError(f"parser={parser!r} must be one of auto, spacy, builtin")
+    if parser in ("auto", "spacy"):
+        nlp = _spacy_english()
+        if nlp is not None:
+            return _spacy_phrases(nlp, prompt)
+        if parser == "spacy":
+            raise InvalidOptionError(
+                "parser='spacy' needs spaCy and its English model: pip install spacy && python -m spacy download "
+                "en_core_web_sm (or use parser='builtin')"
+            )
+    return _builtin_phrases(prompt)
+
+
+def explicit_phrases(prompt: str, phrases: list[str]) -> list[NounPhrase]:
+    """User-given noun phrases located in the prompt (word-aligned, case-insensitive), with a clear error if not."""
+    words = [_normalise(w) for w in prompt.split()]
+    result = []
+    for phrase in phrases:
+        wanted = [_normalise(w) for w in phrase.split()]
+        start = next(
+            (i for i in range(len(words) - len(wanted) + 1) if wanted and words[i : i + len(wanted)] == wanted), None
+        )
+        if start is None:
+            raise InvalidOptionError(
+                f"noun phrase {phrase!r} is not in the prompt {prompt!r} (word for word); its words are: "
+                + ", ".join(repr(w) for w in prompt.split())
+            )
+        result.append(NounPhrase(" ".join(prompt.split()[start : start + len(wanted)]), (start, start + len(wanted))))
+    return result
+
+
+def _builtin_phrases(prompt: str) -> list[NounPhrase]:
+    words = prompt.split()
+    phrases, start = [], 0
+    for index in range(len(words) + 1):
+        word = _normalise(words[index]) if index < len(words) else None
+        ends_with_comma = index < len(words) and words[index].endswith((",", ";", "."))
+        if word is None or word in _BOUNDARIES:
+            if index - start > 1:
+                phrases.append(NounPhrase(" ".join(words[start:index]), (start, index)))
+            start = index + 1
+        elif ends_with_comma:
+            if index + 1 - start > 1:
+                phrases.append(NounPhrase(" ".join(words[start : index + 1]).rstrip(",;."), (start, index + 1)))
+            start = index + 1
+    return phrases
+
+
+def _spacy_phrases(nlp, prompt: str) -> list[NounPhrase]:
+    doc = nlp(prompt)
+    # spaCy tokens -> whitespace word indices, through character offsets.
+    starts = [m.start() for m in re.finditer(r"\S+", prompt)]
+    phrases = []
+    for chunk in doc.noun_chunks:
+        first = max(i for i, s in enumerate(starts) if s <= chunk.start_char)
+        last = max(i for i, s in enumerate(starts) if s < chunk.end_char) + 1
+        if last - first > 1:
+            phrases.append(NounPhrase(" ".join(prompt.split()[first:last]), (first, last)))
+    return phrases
+
+
+@functools.lru_cache(maxsize=1)
+def _spacy_english():
+    try:
+        import spacy
+
+        return spacy.load("en_core_web_sm")
+    except (ImportError, OSError):
+        return None
+
+
+def _normalise(word: str) -> str:
+    return word.strip(".,;:!?\"'()").lower()
+
+
+def _token_ids(tokenizer, text: str, special: bool = True) -> list[int]:
+    return tokenizer(text, add_special_tokens=special, truncation=False)["input_ids"]

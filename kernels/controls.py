@@ -1,0 +1,78 @@
+"""The losses of the cross-attention controls, on aggregated cross-attention maps (pure torch, differentiable).
+
+Maps are ``[B, h, w, T]`` probabilities over the T text tokens (head- and layer-averaged). Concept maps are
+``[B, C, h, w]``: one per concept (subject word), the mean over the word's tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def concept_maps(
+    maps: torch.Tensor, positions: list[tuple[int, ...]], prompt_tokens: int, sharpness: float = 100.0
+) -> torch.Tensor:
+    """Attend-and-Excite's per-pixel token softmax (``sharpness`` x the probabilities of the prompt's own tokens,
+    BOS and padding left out), then each concept's map as the mean over its tokens."""
+    text = maps[..., 1:prompt_tokens]
+    weights = torch.softmax(sharpness * text, dim=-1)
+    columns = [weights[..., [p - 1 for p in tokens]].mean(dim=-1) for tokens in positions]
+    return torch.stack(columns, dim=1)
+
+
+def gaussian_smooth(maps: torch.Tensor, size: int = 3, sigma: float = 0.5) -> torch.Tensor:
+    """``[B, C, h, w]`` smoothed per map with a normalised Gaussian (reflect padding at the borders)."""
+    offsets = torch.arange(size, dtype=maps.dtype, device=maps.device) - (size - 1) / 2
+    line = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = (line[:, None] * line[None, :]) / (line.sum() ** 2)
+    channels = maps.shape[1]
+    padded = F.pad(maps, (size // 2,) * 4, mode="reflect") if min(maps.shape[-2:]) > size // 2 else maps
+    return F.conv2d(padded, kernel.expand(channels, 1, size, size), groups=channels)
+
+
+def attend_excite_loss(concepts: torch.Tensor) -> torch.Tensor:
+    """``[B]``: the most neglected concept's shortfall, ``max_c (1 - max_ij smoothed map_c)``."""
+    peaks = gaussian_smooth(concepts).flatten(2).amax(dim=-1)  # [B, C]
+    return (1 - peaks).clamp_min(0).amax(dim=-1)
+
+
+def normalise(concepts: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Each map min-max scaled to [0, 1], so that soft overlaps compare shapes, not magnitudes."""
+    flat = concepts.flatten(2)
+    low, high = flat.amin(dim=-1, keepdim=True), flat.amax(dim=-1, keepdim=True)
+    return ((flat - low) / (high - low + eps)).view_as(concepts)
+
+
+def soft_overlap(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """A-STAR's overlap ratio ``Σ min(a, b) / Σ (a + b)`` over the last two axes (0.5 for equal maps, 0 for
+    disjoint ones)."""
+    return torch.minimum(a, b).sum(dim=(-2, -1)) / ((a + b).sum(dim=(-2, -1)) + eps)
+
+
+def segregation_loss(concepts: torch.Tensor) -> torch.Tensor:
+    """``[B]``: A-STAR's segregation loss, the soft overlap summed over unordered concept pairs."""
+    count = concepts.shape[1]
+    if count < 2:
+        return concepts.new_zeros(concepts.shape[0])
+    pairs = [(m, n) for m in range(count) for n in range(m + 1, count)]
+    return sum(soft_overlap(concepts[:, m], concepts[:, n]) for m, n in pairs)
+
+
+def binarise(concepts: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """A-STAR's retained regions: where each normalised map is at least ``threshold`` (no gradient)."""
+    return (normalise(concepts.detach()) >= threshold).to(concepts.dtype)
+
+
+def retention_loss(concepts: torch.Tensor, previous_regions: torch.Tensor) -> torch.Tensor:
+    """``[B]``: A-STAR's retention loss, ``Σ_c 1 - overlap(map_c, region_c of the previous step)``."""
+    return (1 - soft_overlap(concepts, previous_regions)).sum(dim=-1)
+
+
+def step_sizes(steps: int, scale: float = 20.0) -> list[float]:
+    """Attend-and-Excite's schedule, ``scale · sqrt(linspace(1, 0.5, steps))``."""
+    if steps == 1:
+        return [scale]
+    return [scale * math.sqrt(1 - 0.5 * i / (steps - 1)) for i in range(steps)]

@@ -1,0 +1,99 @@
+"""The substrate of the cross-attention controls: recorded maps and the A-STAR / Attend-and-Excite losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import accel
+from accel.kernels import controls
+from accel.pipelines.prompts import word_positions
+from accel.processors.controls import CrossAttentionStore, StoreAttnProcessor
+from accel.processors.state import LatentLayout, PatchContext
+
+PROMPT = "a red circle and a blue square"
+
+
+def test_soft_overlap_and_the_a_star_losses():
+    square = torch.zeros(1, 2, 4, 4)
+    square[0, 0, :2, :2] = 1.0
+    square[0, 1, 2:, 2:] = 1.0  # disjoint from the first
+    assert controls.soft_overlap(square[:, 0], square[:, 0]).item() == pytest.approx(0.5)
+    assert controls.segregation_loss(square).item() == 0.0
+    same = square[:, :1].expand(1, 3, 4, 4)
+    assert controls.segregation_loss(same).item() == pytest.approx(3 * 0.5)  # three pairs, each 0.5
+    regions = controls.binarise(square)
+    assert torch.equal(regions, square)
+    assert controls.retention_loss(square, regions).item() == pytest.approx(2 * 0.5)
+    assert controls.retention_loss(square, regions.flip(1)).item() == pytest.approx(2.0)
+
+
+def test_attend_and_excite_loss_is_the_most_neglected_concept():
+    maps = torch.full((1, 2, 5, 5), 0.01)
+    maps[0, 0, 2, 2] = 1.0
+    maps[0, 0, 1:4, 1:4] = 1.0  # a peak that survives smoothing
+    loss = controls.attend_excite_loss(maps)
+    assert loss.item() == pytest.approx(0.99, abs=1e-6)  # concept 1 is absent
+    assert controls.gaussian_smooth(torch.full((1, 1, 5, 5), 0.3)).sub(0.3).abs().max() < 1e-6
+
+
+def test_step_sizes_follow_attend_and_excite():
+    sizes = controls.step_sizes(50)
+    assert sizes[0] == pytest.approx(20.0) and sizes[-1] == pytest.approx(20 * 0.5**0.5)
+
+
+@pytest.fixture(scope="module")
+def recording_unet():
+    pipe = accel.load_pipeline("shapes-sd")
+    unet = pipe.unet
+    context = PatchContext(family="unet")
+    context.layout = LatentLayout(grid=(16, 16), batch_size=1)
+    store = CrossAttentionStore(grid=(16, 16))
+    originals = unet.attn_processors
+    processors = {
+        name: StoreAttnProcessor(context, name.removesuffix(".processor"), store) if ".attn2." in name else p
+        for name, p in originals.items()
+    }
+    unet.set_attn_processor(dict(processors))
+    embedding = pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]
+    pipe.scheduler.set_timesteps(25)
+    yield pipe, unet, store, embedding, pipe.scheduler.timesteps[2]
+    unet.set_attn_processor(dict(originals))
+
+
+def test_recorded_maps_and_exact_outputs(recording_unet):
+    pipe, unet, store, embedding, timestep = recording_unet
+    latent = torch.randn(1, unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = unet(latent, timestep, embedding).sample
+        assert store.maps == {}
+        with store.record():
+            recorded = unet(latent, timestep, embedding).sample
+    torch.testing.assert_close(recorded, plain, atol=1e-5, rtol=1e-5)
+    # The 16 x 16 level holds the cross-attention of down_blocks.0 (1 layer) and up_blocks.3 (2): three maps.
+    assert len(store.maps) == 3 and all(name.endswith("attn2") for name in store.maps)
+    maps = store.aggregate()
+    assert maps.shape == (1, 16, 16, pipe.tokenizer.model_max_length)
+    torch.testing.assert_close(maps.sum(dim=-1), torch.ones(1, 16, 16))
+
+
+@pytest.mark.parametrize("loss_name", ["segregation", "attend_excite"])
+def test_losses_decrease_over_latent_updates(recording_unet, loss_name):
+    pipe, unet, store, embedding, timestep = recording_unet
+    positions = word_positions(pipe.tokenizer, PROMPT, ["circle", "square"])
+    prompt_tokens = len(pipe.tokenizer(PROMPT)["input_ids"]) - 1
+    latent = torch.randn(1, unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(4):
+        latent = latent.detach().requires_grad_()
+        with store.record():
+            unet(latent, timestep, embedding)
+        concepts = controls.concept_maps(store.aggregate(), positions, prompt_tokens)
+        if loss_name == "segregation":
+            loss = controls.segregation_loss(controls.normalise(concepts)).sum()
+        else:
+            loss = controls.attend_excite_loss(concepts).sum()
+        (gradient,) = torch.autograd.grad(loss, latent)
+        losses.append(loss.item())
+        latent = latent - 20.0 * gradient
+    assert all(later < earlier for earlier, later in zip(losses, losses[1:], strict=False)), losses

@@ -11,6 +11,7 @@ from accel import builtin as _builtin  # noqa: F401  (registers the built-in met
 from accel.api import PatchHandle, get_patch, patch, patched, unpatch
 from accel.config import (
     AgentConfig,
+    AStarConfig,
     DenseConfig,
     GNAConfig,
     HiDiffusionConfig,
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AccelError",
     "AgentConfig",
+    "AStarConfig",
     "DenseConfig",
     "GNAConfig",
     "HiDiffusionConfig",

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import re
 
-from accel.config import AgentConfig, DenseConfig, GNAConfig, HiDiffusionConfig, StructuredConfig, VMoBAConfig
+from accel.config import (
+    AgentConfig,
+    AStarConfig,
+    DenseConfig,
+    GNAConfig,
+    HiDiffusionConfig,
+    StructuredConfig,
+    VMoBAConfig,
+)
 from accel.errors import InvalidOptionError, UnsupportedModelError
 from accel.plan import PatchPlan
 from accel.registry import register_method
@@ -152,3 +160,29 @@ def apply_structured(plan: PatchPlan, config: StructuredConfig) -> None:
     plan.wrap_pipeline("encode_prompt", encode_prompt_wrapper(pipe, shared, config.noun_phrases, config.parser))
     for site in plan.select(config, kinds=("cross",)):
         plan.set_processor(site, StructuredAttnProcessor(context=plan.context, layer=site.name, shared=shared))
+
+
+@register_method(AStarConfig, families=("unet",))
+def apply_astar(plan: PatchPlan, config: AStarConfig) -> None:
+    from accel.pipelines import controls
+    from accel.processors.controls import CrossAttentionStore, StoreAttnProcessor
+
+    pipe = plan.pipeline
+    if pipe is not None and "text_encoder_2" in pipe.components:
+        raise UnsupportedModelError("astar: SD 1.x / 2.x pipelines are supported; SDXL is not yet")
+    store = CrossAttentionStore(grid=(0, 0))
+    state = controls.GuidanceState(
+        store=store,
+        loss=config.loss,
+        step_size=config.step_size,
+        guided_steps=config.guided_steps,
+        threshold=config.threshold,
+        sharpness=config.sharpness,
+        tokens=config.tokens,
+        cross_levels=controls.cross_attention_levels(plan.denoiser),
+    )
+    plan.wrap_pipeline("encode_prompt", controls.encode_prompt_wrapper(pipe, state))
+    for site in plan.select(config, kinds=("cross",)):
+        plan.set_processor(site, StoreAttnProcessor(context=plan.context, layer=site.name, store=store))
+    plan.add_hook(plan.denoiser, controls.LatentGuidanceHook(state, plan.context, pipe), controls.GUIDANCE_HOOK_NAME)
+    plan.on_remove(lambda: controls.remove_step_shims(state))

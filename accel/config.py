@@ -442,3 +442,63 @@ class StructuredConfig(MethodConfig):
             raise InvalidOptionError(
                 f"structured: parser={self.parser!r} must be one of {', '.join(STRUCTURED_PARSERS)}"
             )
+
+
+ASTAR_LOSSES = ("astar", "attend_excite")
+
+
+@dataclass(kw_only=True)
+class AStarConfig(MethodConfig):
+    """A-STAR (SD 1.x / 2.x): test-time latent updates that keep the subjects' cross-attention apart and stable.
+
+    At every guided step one extra UNet forward on the conditional latent records the cross-attention maps of the
+    level nearest 16 x 16 (A&E's and A-STAR's resolution); each subject's map is the per-pixel softmax over the
+    prompt's tokens (x ``sharpness``, A&E's temperature), averaged over the subject's tokens. The loss is A-STAR's
+    segregation (soft overlap of every pair of min-max-normalised maps) plus retention (overlap with the region each
+    map held at the previous step, binarised at ``threshold``); ``loss="attend_excite"`` uses Attend-and-Excite's
+    instead (the most neglected subject's smoothed peak). The latent moves down the gradient with A&E's schedule
+    ``step_size · sqrt(1 − progress / 2)``, and the scheduler steps from the moved latent.
+
+    Args:
+        tokens (`list`, *optional*):
+            The subjects: words of the prompt (e.g. ``["circle", "square"]``; a word in several tokens counts
+            whole) or token indices. ``None``: the last word of each noun phrase of the prompt. A word that is not in
+            the prompt is an error listing the prompt's words.
+        loss (`str`, defaults to `"astar"`): ``"astar"`` or ``"attend_excite"``.
+        step_size (`float`, defaults to `20.0`): the gradient step at the first step (A&E's scale factor); 0
+            leaves the pipeline exactly as it is.
+        guided_steps (`float`, defaults to `1.0`):
+            Fraction of the schedule with updates (A-STAR: all; A&E: the first half, 0.5).
+        threshold (`float`, defaults to `0.5`): binarisation of the normalised maps for retention.
+        sharpness (`float`, defaults to `100.0`): temperature of the per-pixel token softmax.
+        layers (`str`, *optional*): narrows the cross-attention layers whose maps are recorded.
+    """
+
+    name: ClassVar[str] = "astar"
+
+    tokens: list[str | int] | None = None
+    loss: str = field(default="astar", metadata={"choices": ASTAR_LOSSES})
+    step_size: float = 20.0
+    guided_steps: float = 1.0
+    threshold: float = 0.5
+    sharpness: float = 100.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tokens is not None:
+            if isinstance(self.tokens, str | int) or not self.tokens:
+                raise InvalidOptionError(
+                    f"astar: tokens={self.tokens!r} must be a non-empty list of words or token indices, e.g. "
+                    "['circle', 'square']"
+                )
+            self.tokens = list(self.tokens)
+        if self.loss not in ASTAR_LOSSES:
+            raise InvalidOptionError(f"astar: loss={self.loss!r} must be one of {', '.join(ASTAR_LOSSES)}")
+        if not _is_number(self.step_size) or self.step_size < 0:
+            raise InvalidOptionError(f"astar: step_size={self.step_size!r} must be a non-negative number")
+        if not _is_number(self.guided_steps) or not 0.0 <= self.guided_steps <= 1.0:
+            raise InvalidOptionError(f"astar: guided_steps={self.guided_steps!r} must be a fraction of the schedule")
+        if not _is_number(self.threshold) or not 0.0 < self.threshold < 1.0:
+            raise InvalidOptionError(f"astar: threshold={self.threshold!r} must be in (0, 1)")
+        if not _is_number(self.sharpness) or self.sharpness <= 0:
+            raise InvalidOptionError(f"astar: sharpness={self.sharpness!r} must be positive")

@@ -171,7 +171,10 @@ class LatentGuidanceHook(ModelHook):
         conditional = {key: _last_rows(value, rows) for key, value in arguments.items()}
         latent = conditional["sample"].detach()
         state.store.grid = map_grid(self.context.layout.grid, state.cross_levels)
-        with torch.enable_grad():
+        # Under torch.inference_mode (as accel compare and many apps call pipelines) no tensor can join autograd:
+        # leave it for this pass, and take ordinary copies of the inputs.
+        with torch.inference_mode(False), torch.enable_grad():
+            conditional = {key: _ordinary(value) for key, value in conditional.items()}
             latent = latent.clone().requires_grad_()
             conditional["sample"] = latent
             with state.store.record():
@@ -238,4 +241,12 @@ def _last_rows(value, rows: int):
         return value[-rows:]
     if isinstance(value, dict):
         return {key: _last_rows(item, rows) for key, item in value.items()}
+    return value
+
+
+def _ordinary(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.is_inference() else value
+    if isinstance(value, dict):
+        return {key: _ordinary(item) for key, item in value.items()}
     return value

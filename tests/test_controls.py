@@ -180,3 +180,12 @@ def test_subject_errors_name_the_prompt_words(shapes_pipe):
             accel.patch(shapes_pipe, "astar", **options)
         assert words in str(error.value)
     assert accel.get_patch(shapes_pipe) is None
+
+
+def test_guidance_runs_under_inference_mode(shapes_pipe):
+    reference = _generate(shapes_pipe)
+    with accel.patched(shapes_pipe, "astar"):
+        with torch.inference_mode():
+            guided = _generate(shapes_pipe)
+        assert (guided == _generate(shapes_pipe)).all()
+    assert abs(guided - reference).max() > 1e-3

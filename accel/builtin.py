@@ -170,7 +170,7 @@ def apply_astar(plan: PatchPlan, config: AStarConfig) -> None:
     pipe = plan.pipeline
     if pipe is not None and "text_encoder_2" in pipe.components:
         raise UnsupportedModelError("astar: SD 1.x / 2.x pipelines are supported; SDXL is not yet")
-    store = CrossAttentionStore(grid=(0, 0))
+    store = CrossAttentionStore()
     state = controls.GuidanceState(
         store=store,
         loss=config.loss,
@@ -179,7 +179,6 @@ def apply_astar(plan: PatchPlan, config: AStarConfig) -> None:
         threshold=config.threshold,
         sharpness=config.sharpness,
         tokens=config.tokens,
-        cross_levels=controls.cross_attention_levels(plan.denoiser),
     )
     plan.wrap_pipeline("encode_prompt", controls.encode_prompt_wrapper(pipe, state))
     for site in plan.select(config, kinds=("cross",)):

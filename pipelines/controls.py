@@ -26,8 +26,6 @@ from accel.processors.controls import CrossAttentionStore
 from accel.processors.state import PatchContext
 
 GUIDANCE_HOOK_NAME = "accel_latent_guidance"
-# A&E's 16 x 16 maps (of SD's 64 x 64 latent); other models use their cross-attention level nearest that side.
-PREFERRED_MAP_SIDE = 16
 
 
 @dataclass
@@ -41,7 +39,6 @@ class GuidanceState:
     threshold: float
     sharpness: float
     tokens: list[str | int] | None
-    cross_levels: tuple[int, ...]
     prompt_embeds: torch.Tensor | None = None
     positions: list[list[tuple[int, ...]]] = field(default_factory=list)  # per prompt row
     prompt_tokens: list[int] = field(default_factory=list)
@@ -49,35 +46,6 @@ class GuidanceState:
     pending_update: torch.Tensor | None = None
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss before the update), last call
     wrapped_schedulers: list[Any] = field(default_factory=list)
-
-
-def cross_attention_levels(unet) -> tuple[int, ...]:
-    """UNet levels (0 = full latent resolution) that hold cross-attention layers."""
-    levels = len(unet.config.block_out_channels)
-    found = set()
-    for name, _ in unet.named_modules():
-        if not name.endswith("attn2"):
-            continue
-        part, index = name.split(".")[0], name.split(".")[1] if "." in name else "0"
-        if part == "down_blocks":
-            found.add(int(index))
-        elif part == "up_blocks":
-            found.add(levels - 1 - int(index))
-        elif part == "mid_block":
-            found.add(levels - 1)
-    return tuple(sorted(found))
-
-
-def map_grid(latent_grid: tuple[int, int], levels: tuple[int, ...]) -> tuple[int, int]:
-    """The token grid of the cross-attention level whose side is nearest ``PREFERRED_MAP_SIDE``."""
-
-    def grid_at(level):
-        grid = latent_grid
-        for _ in range(level):
-            grid = tuple(math.ceil(side / 2) for side in grid)
-        return grid
-
-    return min((grid_at(level) for level in levels), key=lambda g: (abs(max(g) - PREFERRED_MAP_SIDE), -max(g)))
 
 
 def subject_words(prompt: str) -> list[str]:
@@ -170,7 +138,6 @@ class LatentGuidanceHook(ModelHook):
         state = self.state
         conditional = {key: _last_rows(value, rows) for key, value in arguments.items()}
         latent = conditional["sample"].detach()
-        state.store.grid = map_grid(self.context.layout.grid, state.cross_levels)
         # Under torch.inference_mode (as accel compare and many apps call pipelines) no tensor can join autograd:
         # leave it for this pass, and take ordinary copies of the inputs.
         with torch.inference_mode(False), torch.enable_grad():

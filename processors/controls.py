@@ -15,19 +15,23 @@ import torch
 
 from accel.processors.dense import AttentionCall, DenseAttnProcessor
 
+# A&E's and A-STAR's maps are 16 x 16 (of SD's 64 x 64 latent); other sizes use the recorded level nearest that.
+PREFERRED_MAP_SIDE = 16
+
 
 @dataclass
 class CrossAttentionStore:
     """Head-averaged cross-attention probabilities of the last recording pass.
 
     Attributes:
-        grid: the token grid ``(h, w)`` whose layers are kept (e.g. A&E's 16 x 16).
-        maps: layer name -> ``[B, h * w, T]``.
+        grid: keep only layers at this token grid ``(h, w)``; ``None`` keeps every cross-attention layer (the level
+            is chosen when aggregating, so it follows resolution changes such as HiDiffusion's RAU-Net).
+        maps: layer name -> ``(grid, [B, h * w, T])``.
     """
 
-    grid: tuple[int, int]
+    grid: tuple[int, int] | None = None
     recording: bool = False
-    maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    maps: dict[str, tuple[tuple[int, ...], torch.Tensor]] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def record(self):
@@ -38,15 +42,21 @@ class CrossAttentionStore:
         finally:
             self.recording = False
 
-    def aggregate(self) -> torch.Tensor:
-        """``[B, h, w, T]``: the mean over the kept layers."""
-        if not self.maps:
+    def aggregate(self, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """``[B, h, w, T]``: the mean over the recorded layers at ``grid`` (default: the recorded grid whose larger
+        side is nearest `PREFERRED_MAP_SIDE`, the larger on a tie)."""
+        grids = {g for g, _ in self.maps.values()}
+        if not grids:
+            raise RuntimeError("no cross-attention map was recorded in this pass")
+        if grid is None:
+            grid = min(grids, key=lambda g: (abs(max(g) - PREFERRED_MAP_SIDE), -max(g)))
+        chosen = [m for g, m in self.maps.values() if tuple(g) == tuple(grid)]
+        if not chosen:
             raise RuntimeError(
-                f"no cross-attention map at the token grid {self.grid} was recorded; the UNet has no cross-attention "
-                "layer at that resolution for this call"
+                f"no cross-attention map at the token grid {grid} was recorded; recorded: {sorted(grids)}"
             )
-        stacked = torch.stack(list(self.maps.values())).mean(dim=0)
-        return stacked.view(stacked.shape[0], *self.grid, stacked.shape[-1])
+        stacked = torch.stack(chosen).mean(dim=0)
+        return stacked.view(stacked.shape[0], *grid, stacked.shape[-1])
 
 
 class StoreAttnProcessor(DenseAttnProcessor):
@@ -59,15 +69,15 @@ class StoreAttnProcessor(DenseAttnProcessor):
     def attend(self, query, key, value, attention_mask, call: AttentionCall):
         if call.kind != "cross" or not self.store.recording:
             return super().attend(query, key, value, attention_mask, call)
-        grid = self.context.layout.level_grid(call.visual_tokens)
-        if tuple(grid) != tuple(self.store.grid):
+        grid = tuple(self.context.layout.level_grid(call.visual_tokens))
+        if self.store.grid is not None and grid != tuple(self.store.grid):
             return super().attend(query, key, value, attention_mask, call)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, S, D]
         scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
         if attention_mask is not None:
             scores = scores + attention_mask.float()
         probs = scores.softmax(dim=-1)
-        self.store.maps[self.layer] = probs.mean(dim=1)
+        self.store.maps[self.layer] = (grid, probs.mean(dim=1))
         return (probs.to(v.dtype) @ v).transpose(1, 2)
 
     def __repr__(self) -> str:

@@ -48,7 +48,7 @@ def recording_unet():
     unet = pipe.unet
     context = PatchContext(family="unet")
     context.layout = LatentLayout(grid=(16, 16), batch_size=1)
-    store = CrossAttentionStore(grid=(16, 16))
+    store = CrossAttentionStore()
     originals = unet.attn_processors
     processors = {
         name: StoreAttnProcessor(context, name.removesuffix(".processor"), store) if ".attn2." in name else p
@@ -70,8 +70,13 @@ def test_recorded_maps_and_exact_outputs(recording_unet):
         with store.record():
             recorded = unet(latent, timestep, embedding).sample
     torch.testing.assert_close(recorded, plain, atol=1e-5, rtol=1e-5)
-    # The 16 x 16 level holds the cross-attention of down_blocks.0 (1 layer) and up_blocks.3 (2): three maps.
-    assert len(store.maps) == 3 and all(name.endswith("attn2") for name in store.maps)
+    # Every cross-attention layer is recorded; the 16 x 16 level (down_blocks.0 and up_blocks.3) is aggregated.
+    assert all(name.endswith("attn2") for name in store.maps)
+    assert sorted(name for name, (grid, _) in store.maps.items() if grid == (16, 16)) == [
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2",
+        "up_blocks.3.attentions.0.transformer_blocks.0.attn2",
+        "up_blocks.3.attentions.1.transformer_blocks.0.attn2",
+    ]
     maps = store.aggregate()
     assert maps.shape == (1, 16, 16, pipe.tokenizer.model_max_length)
     torch.testing.assert_close(maps.sum(dim=-1), torch.ones(1, 16, 16))
@@ -188,4 +193,22 @@ def test_guidance_runs_under_inference_mode(shapes_pipe):
         with torch.inference_mode():
             guided = _generate(shapes_pipe)
         assert (guided == _generate(shapes_pipe)).all()
+    assert abs(guided - reference).max() > 1e-3
+
+
+def test_composes_with_hidiffusion(shapes_pipe):
+    # RAU-Net changes the deep levels' resolution early in the schedule; the maps follow the recorded levels.
+    def generate():
+        return shapes_pipe(
+            PROMPT, num_inference_steps=4, guidance_scale=6.0, height=128, width=128,
+            generator=torch.Generator().manual_seed(0), output_type="np",
+        ).images  # fmt: skip
+
+    with accel.patched(shapes_pipe, "hidiffusion"):
+        reference = generate()
+    with accel.patched(shapes_pipe, [accel.HiDiffusionConfig(), accel.AStarConfig(step_size=0)]):
+        assert (generate() == reference).all()
+    with accel.patched(shapes_pipe, [accel.HiDiffusionConfig(), accel.AStarConfig()]):
+        guided = generate()
+        assert len(_guidance_state(shapes_pipe).losses) == 4
     assert abs(guided - reference).max() > 1e-3

@@ -55,7 +55,7 @@ def test_cli_compare_writes_outputs_and_prints_the_table(tmp_path, capsys, model
 
 def test_cli_rejects_a_bad_method_before_loading(capsys):
     assert main(["compare", "--model", "sd15-tiny", "--method", "fast"]) == 2
-    assert "unknown method 'fast'; registered methods: agent, dense" in capsys.readouterr().err
+    assert "unknown method 'fast'; registered methods: agent, astar, dense" in capsys.readouterr().err
     assert main(["compare", "--model", "sd15-tiny", "--option", "window=8"]) == 2
     assert "no option 'window'" in capsys.readouterr().err
     assert main(["compare", "--model", "sd15-tinyy"]) == 2

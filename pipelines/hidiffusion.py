@@ -73,7 +73,9 @@ class RAUNetState:
         self.switches = switches
         self.skip_sizes: list[torch.Size] = []
         self.pooled_from: dict[int, torch.Size] = {}
-        self.external_residuals = False
+        self.adapter_residuals = False
+        self.down_residuals: list[torch.Tensor] | None = None
+        self.mid_residual: torch.Tensor | None = None
         self.stages: tuple[bool, bool] = (False, False)
 
     def begin_forward(self) -> None:
@@ -110,11 +112,11 @@ class _SkipSizes(_RAUNetHook):
     def post_forward(self, module, output):
         if self.starts_forward:
             self.state.begin_forward()
-            if self.state.external_residuals and (self.state.active(1) or self.state.active(2)):
+            if self.state.adapter_residuals and (self.state.active(1) or self.state.active(2)):
                 raise ValueError(
-                    "hidiffusion: RAU-Net shrinks the UNet's skip connections, but this call adds ControlNet / "
-                    "T2I-Adapter residuals sized for the full latent, which accel does not resize yet; patch with "
-                    "raunet=False (MSW-MSA alone works with them)"
+                    "hidiffusion: RAU-Net shrinks the UNet's inner features, but this call adds T2I-Adapter residuals "
+                    "sized for the full latent, which accel does not resize yet; patch with raunet=False (MSW-MSA "
+                    "alone works with them). ControlNet residuals are resized."
                 )
             self.state.skip_sizes.append(output.shape[-2:])
         else:
@@ -122,18 +124,51 @@ class _SkipSizes(_RAUNetHook):
         return output
 
 
-class _ResidualGuard(_RAUNetHook):
-    """On the UNet: note whether this call brings ControlNet / adapter residuals (checked once the step is known)."""
-
-    _RESIDUALS = (
-        "down_block_additional_residuals",
-        "mid_block_additional_residual",
-        "down_intrablock_additional_residuals",
-    )
+class _ExternalResiduals(_RAUNetHook):
+    """On the UNet: takes a ControlNet's residuals out of the call; `_AddSkipResiduals` and `_AddMidResidual` add
+    them where diffusers would, fitted to the features RAU-Net shrank (area average). T2I-Adapter residuals are only
+    noted (refused while RAU-Net is active)."""
 
     def pre_forward(self, module, *args, **kwargs):
-        self.state.external_residuals = any(kwargs.get(name) is not None for name in self._RESIDUALS)
+        down, mid = kwargs.get("down_block_additional_residuals"), kwargs.get("mid_block_additional_residual")
+        self.state.adapter_residuals = kwargs.get("down_intrablock_additional_residuals") is not None
+        self.state.down_residuals = self.state.mid_residual = None
+        if down is not None and mid is not None:  # diffusers' own test for ControlNet residuals
+            self.state.down_residuals, self.state.mid_residual = list(down), mid
+            kwargs["down_block_additional_residuals"] = kwargs["mid_block_additional_residual"] = None
         return args, kwargs
+
+
+def _fitted(residual: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if residual.shape[-2:] == like.shape[-2:]:
+        return residual
+    return F.adaptive_avg_pool2d(residual, like.shape[-2:])
+
+
+class _AddSkipResiduals(_RAUNetHook):
+    """On an up block: adds the ControlNet residuals of the skips it consumes (as the UNet adds them to the skips)."""
+
+    def __init__(self, state: RAUNetState, consumed_through: int):
+        super().__init__(state)
+        self.consumed_through = consumed_through
+
+    def pre_forward(self, module, *args, **kwargs):
+        residuals = self.state.down_residuals
+        skips = kwargs.get("res_hidden_states_tuple")
+        if residuals is None or skips is None:
+            return args, kwargs
+        first = len(residuals) - self.consumed_through
+        mine = residuals[first : first + len(skips)]
+        kwargs["res_hidden_states_tuple"] = tuple(s + _fitted(r, s) for s, r in zip(skips, mine, strict=True))
+        return args, kwargs
+
+
+class _AddMidResidual(_RAUNetHook):
+    """On the mid block: adds the ControlNet's mid residual to its output."""
+
+    def post_forward(self, module, output):
+        residual = self.state.mid_residual
+        return output if residual is None else output + _fitted(residual, output)
 
 
 class _UpsampleSize(_RAUNetHook):
@@ -207,14 +242,16 @@ def raunet_hooks(unet, state: RAUNetState) -> list[tuple[torch.nn.Module, ModelH
     """``(module, hook, name)`` triples that implement RAU-Net on ``unet``."""
     shape = unet_shape(unet)
     hooks: list[tuple[torch.nn.Module, ModelHook, str]] = [
-        (unet, _ResidualGuard(state), "accel_raunet"),
+        (unet, _ExternalResiduals(state), "accel_raunet"),
         (unet.conv_in, _SkipSizes(state, True), "accel_raunet"),
+        (unet.mid_block, _AddMidResidual(state), "accel_raunet_residuals"),
     ]
     for block in unet.down_blocks:
         hooks.append((block, _SkipSizes(state, False), "accel_raunet"))
     consumed = 0
     for block in unet.up_blocks:
         consumed += len(block.resnets)
+        hooks.append((block, _AddSkipResiduals(state, consumed), "accel_raunet_residuals"))
         if getattr(block, "upsamplers", None):
             hooks.append((block, _UpsampleSize(state, consumed), "accel_raunet"))
     for stage, index in shape.conv_rad_stage.items():

@@ -207,16 +207,20 @@ def test_other_families_are_refused(tiny_pipelines):
         accel.patch(tiny_pipelines["flux-tiny"], "hidiffusion")
 
 
-def test_controlnet_residuals_with_raunet_are_a_clear_error(sd):
+def test_controlnet_residuals_follow_raunet(sd):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
     torch.manual_seed(0)
     controlnet = ControlNetModel.from_unet(sd.unet).eval()
+    # A fresh ControlNet's zero convolutions output zeros: give them weights so the residuals matter.
+    with torch.no_grad():
+        for block in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
+            block.weight.normal_(0, 0.05)
     pipe = StableDiffusionControlNetPipeline(**sd.components, controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
-    control = torch.rand(1, 3, 256, 256)
+    control = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
 
-    def run():
+    def run(**call):
         return pipe(
             "a red circle",
             image=control,
@@ -225,9 +229,16 @@ def test_controlnet_residuals_with_raunet_are_a_clear_error(sd):
             num_inference_steps=2,
             output_type="np",
             generator=torch.Generator().manual_seed(0),
+            **call,
         ).images
 
-    with accel.patched(pipe, "hidiffusion"), pytest.raises(ValueError, match="raunet=False"):
-        run()
-    with accel.patched(pipe, "hidiffusion", raunet=False):
-        assert np.isfinite(run()).all()
+    reference = run()
+    without_control = run(controlnet_conditioning_scale=0.0)
+    assert np.abs(reference - without_control).max() > 1e-3  # the residuals change the image
+    # RAU-Net switched off and one window: the residuals are added where diffusers adds them, bit for bit.
+    with accel.patched(pipe, "hidiffusion", raunet_switch=0.0, windows=1):
+        assert np.array_equal(run(), reference)
+    with accel.patched(pipe, "hidiffusion"):  # 2x the tiny UNet's size: RAU-Net shrinks the deep skips
+        shrunk = run()
+        shrunk_without_control = run(controlnet_conditioning_scale=0.0)
+    assert np.isfinite(shrunk).all() and np.abs(shrunk - shrunk_without_control).max() > 1e-3

@@ -33,3 +33,13 @@ def pipeline(request, tiny_pipelines):
     pipe = tiny_pipelines[request.param]
     yield pipe
     accel.unpatch(pipe)
+
+
+@pytest.fixture(scope="session")
+def shapes_pipe():
+    """The shipped shapes-sd pipeline, loaded once; tests must leave it unpatched."""
+    import accel
+
+    pipe = accel.load_pipeline("shapes-sd")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -72,3 +72,17 @@ class PeakMemory:
 
     def _free(self, key: int) -> None:
         self.current -= self._live.pop(key, 0)
+
+
+def generate_shapes(pipe, prompt, steps: int = 4, size: int = 64, **overrides):
+    """``shapes-sd`` (or another SD pipeline) at its quality settings: guidance 6, seed 0, numpy output."""
+    return pipe(
+        prompt,
+        num_inference_steps=steps,
+        guidance_scale=6.0,
+        height=size,
+        width=size,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+        **overrides,
+    ).images

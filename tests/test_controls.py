@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import generate_shapes
 
 import accel
 from accel.kernels import controls
@@ -104,25 +105,6 @@ def test_losses_decrease_over_latent_updates(recording_unet, loss_name):
     assert all(later < earlier for earlier, later in zip(losses, losses[1:], strict=False)), losses
 
 
-@pytest.fixture(scope="module")
-def shapes_pipe():
-    pipe = accel.load_pipeline("shapes-sd")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _generate(pipe, prompt=PROMPT, steps=4):
-    return pipe(
-        prompt,
-        num_inference_steps=steps,
-        guidance_scale=6.0,
-        height=64,
-        width=64,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
-
-
 def _guidance_state(pipe):
     from accel.pipelines.controls import GUIDANCE_HOOK_NAME
 
@@ -130,19 +112,19 @@ def _guidance_state(pipe):
 
 
 def test_zero_step_size_or_no_guided_steps_is_the_unpatched_pipeline(shapes_pipe):
-    reference = _generate(shapes_pipe)
+    reference = generate_shapes(shapes_pipe, PROMPT)
     for options in ({"step_size": 0}, {"guided_steps": 0}, {"loss": "attend_excite", "step_size": 0}):
         with accel.patched(shapes_pipe, "astar", **options):
-            assert (_generate(shapes_pipe) == reference).all()
+            assert (generate_shapes(shapes_pipe, PROMPT) == reference).all()
 
 
 @pytest.mark.parametrize("loss", ["astar", "attend_excite"])
 def test_guidance_moves_the_latents_every_guided_step(shapes_pipe, loss):
     import numpy as np
 
-    reference = _generate(shapes_pipe)
+    reference = generate_shapes(shapes_pipe, PROMPT)
     with accel.patched(shapes_pipe, "astar", loss=loss, guided_steps=0.5):
-        guided = _generate(shapes_pipe)
+        guided = generate_shapes(shapes_pipe, PROMPT)
         state = _guidance_state(shapes_pipe)
         # Subjects default to the noun phrases' head nouns: "circle" and "square".
         assert state.positions == [[(3,), (7,)]]
@@ -150,7 +132,7 @@ def test_guidance_moves_the_latents_every_guided_step(shapes_pipe, loss):
         assert len(state.wrapped_schedulers) == 1
     assert np.abs(guided - reference).max() > 1e-3
     assert "step" not in vars(shapes_pipe.scheduler) and "encode_prompt" not in vars(shapes_pipe)
-    assert (_generate(shapes_pipe) == reference).all()
+    assert (generate_shapes(shapes_pipe, PROMPT) == reference).all()
 
 
 def test_a_swapped_scheduler_is_guided_too_and_restored(shapes_pipe):
@@ -159,9 +141,9 @@ def test_a_swapped_scheduler_is_guided_too_and_restored(shapes_pipe):
     original = shapes_pipe.scheduler
     shapes_pipe.scheduler = EulerDiscreteScheduler.from_config(original.config)
     try:
-        reference = _generate(shapes_pipe)
+        reference = generate_shapes(shapes_pipe, PROMPT)
         with accel.patched(shapes_pipe, "astar"):
-            guided = _generate(shapes_pipe)
+            guided = generate_shapes(shapes_pipe, PROMPT)
             assert _guidance_state(shapes_pipe).wrapped_schedulers == [shapes_pipe.scheduler]
         assert "step" not in vars(shapes_pipe.scheduler)
         assert abs(guided - reference).max() > 1e-3
@@ -174,7 +156,7 @@ def test_subject_errors_name_the_prompt_words(shapes_pipe):
 
     with pytest.raises(InvalidOptionError, match="'dog' is not a word of the prompt.*'circle'"):
         with accel.patched(shapes_pipe, "astar", tokens=["circle", "dog"]):
-            _generate(shapes_pipe)
+            generate_shapes(shapes_pipe, PROMPT)
     for options, words in (
         ({"tokens": "circle"}, "non-empty list of words"),
         ({"loss": "dice"}, "one of astar, attend_excite"),
@@ -188,11 +170,11 @@ def test_subject_errors_name_the_prompt_words(shapes_pipe):
 
 
 def test_guidance_runs_under_inference_mode(shapes_pipe):
-    reference = _generate(shapes_pipe)
+    reference = generate_shapes(shapes_pipe, PROMPT)
     with accel.patched(shapes_pipe, "astar"):
         with torch.inference_mode():
-            guided = _generate(shapes_pipe)
-        assert (guided == _generate(shapes_pipe)).all()
+            guided = generate_shapes(shapes_pipe, PROMPT)
+        assert (guided == generate_shapes(shapes_pipe, PROMPT)).all()
     assert abs(guided - reference).max() > 1e-3
 
 

@@ -6,30 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import generate_shapes
 
 import accel
 from accel.errors import InvalidOptionError
 from accel.pipelines.prompts import explicit_phrases, noun_phrases, prompt_words, word_positions
-
-
-@pytest.fixture(scope="module")
-def shapes_pipe():
-    pipe = accel.load_pipeline("shapes-sd")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _generate(pipe, prompt, steps=4, **kwargs):
-    return pipe(
-        prompt,
-        num_inference_steps=steps,
-        guidance_scale=6.0,
-        height=64,
-        width=64,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-        **kwargs,
-    ).images
 
 
 @pytest.mark.parametrize(
@@ -67,16 +48,16 @@ def test_token_positions_of_multi_token_words(tiny_pipelines):
 
 def test_a_single_noun_phrase_is_the_unpatched_pipeline(shapes_pipe):
     for prompt in ("a red circle", "two blue squares"):
-        reference = _generate(shapes_pipe, prompt)
+        reference = generate_shapes(shapes_pipe, prompt)
         with accel.patched(shapes_pipe, "structured"):
-            assert np.array_equal(_generate(shapes_pipe, prompt), reference)
+            assert np.array_equal(generate_shapes(shapes_pipe, prompt), reference)
 
 
 def test_values_average_the_prompt_and_each_phrase_spliced_in(shapes_pipe):
     prompt = "a red circle and a blue square"
-    reference = _generate(shapes_pipe, prompt)
+    reference = generate_shapes(shapes_pipe, prompt)
     with accel.patched(shapes_pipe, "structured") as handle:
-        patched = _generate(shapes_pipe, prompt)
+        patched = generate_shapes(shapes_pipe, prompt)
         processor = next(iter(p for p in shapes_pipe.unet.attn_processors.values() if hasattr(p, "shared")))
         values = processor.shared.values
     assert np.abs(patched - reference).max() > 1e-2
@@ -132,7 +113,7 @@ def test_unpatch_restores_the_pipeline_and_misuse_is_refused(shapes_pipe, tiny_p
         assert "encode_prompt" in vars(shapes_pipe)
         with pytest.raises(InvalidOptionError, match="needs the prompt text"):
             embeds = shapes_pipe.encode_prompt("a red circle", "cpu", 1, False)[0]
-            _generate(shapes_pipe, None, prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds))
+            generate_shapes(shapes_pipe, None, prompt_embeds=embeds, negative_prompt_embeds=torch.zeros_like(embeds))
     assert "encode_prompt" not in vars(shapes_pipe)
     with pytest.raises(InvalidOptionError, match="pass the pipeline to accel.patch"):
         accel.patch(shapes_pipe.unet, "structured")
@@ -140,7 +121,7 @@ def test_unpatch_restores_the_pipeline_and_misuse_is_refused(shapes_pipe, tiny_p
         accel.patch(tiny_pipelines["sdxl-tiny"], "structured")
     with pytest.raises(InvalidOptionError, match="noun phrase 'a green star' is not in the prompt"):
         with accel.patched(shapes_pipe, "structured", noun_phrases=["a green star"]):
-            _generate(shapes_pipe, "a red circle")
+            generate_shapes(shapes_pipe, "a red circle")
     with pytest.raises(InvalidOptionError, match="must be a list of phrases"):
         accel.patch(shapes_pipe, "structured", noun_phrases="a red circle")
     assert accel.get_patch(shapes_pipe) is None

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import add_common_arguments, device_name, median_seconds, plot_speedups, run_suite
+from common import add_common_arguments, device_name, median_seconds, plot_speedups, run_suite, timed_generation
 from peers import tomesd_patch
 
 import accel
@@ -145,14 +144,8 @@ def run_pipelines(args) -> dict:
                     **extra,
                 ).images
 
-            def measure():
-                if args.repeats == 1:
-                    # Real-width models take minutes a call: one cold call, timed with its VAE decode.
-                    tick = time.perf_counter()
-                    image = np.asarray(call("np"), dtype=np.float32)
-                    return time.perf_counter() - tick, image
-                seconds = median_seconds(lambda: call("latent"), args.repeats)
-                return seconds, np.asarray(call("np"), dtype=np.float32)
+            def measure(call=call):
+                return timed_generation(call, args.repeats)
 
             unpatched_s, unpatched_image = measure()
             with accel.patched(pipe, "agent", **options):

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -25,6 +26,16 @@ def median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], No
         sync()
         times.append(time.perf_counter() - tick)
     return statistics.median(times)
+
+
+def timed_generation(call: Callable[[str], object], repeats: int) -> tuple[float, np.ndarray]:
+    """``(seconds, decoded output)`` of ``call(output_type)``: with one repeat a single cold call timed with its
+    decode (real-width models take minutes a call), else the median denoising loop (``"latent"``) and one decode."""
+    if repeats == 1:
+        tick = time.perf_counter()
+        output = np.asarray(call("np"), dtype=np.float32)
+        return time.perf_counter() - tick, output
+    return median_seconds(lambda: call("latent"), repeats), np.asarray(call("np"), dtype=np.float32)
 
 
 def device_name(device: str = "cpu") -> str:

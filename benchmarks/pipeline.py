@@ -19,11 +19,10 @@ them at equal settings.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
-from common import device_name, environment, median_seconds, plot_speedups, save_results
+from common import device_name, environment, plot_speedups, save_results, timed_generation
 from peers import PEERS
 
 import accel
@@ -69,13 +68,7 @@ def _measure(pipe, size: dict, steps: int, repeats: int) -> tuple[float, np.ndar
         )
         return result.frames if hasattr(result, "frames") else result.images
 
-    if repeats == 1:
-        # Real-width models take minutes a call: one cold call, timed with its decode.
-        tick = time.perf_counter()
-        output = np.asarray(call("np"), dtype=np.float32)
-        return time.perf_counter() - tick, output
-    seconds = median_seconds(lambda: call("latent"), repeats)
-    return seconds, np.asarray(call("np"), dtype=np.float32)
+    return timed_generation(call, repeats)
 
 
 def run(args) -> dict:

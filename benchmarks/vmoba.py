@@ -18,13 +18,20 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import add_common_arguments, device_name, median_seconds, plot_speedups, run_suite, save_figure
+from common import (
+    add_common_arguments,
+    device_name,
+    median_seconds,
+    plot_speedups,
+    run_suite,
+    save_figure,
+    timed_generation,
+)
 
 import accel
 from accel import metrics
@@ -131,17 +138,9 @@ def run_pipelines(args) -> dict:
             )
             return np.asarray(result.frames if hasattr(result, "frames") else result.images, dtype=np.float32)
 
-        def measure(call=call):
-            if args.repeats == 1:
-                # Real-width models take minutes a call: one cold call, timed with its decode.
-                tick = time.perf_counter()
-                output = call("np")
-                return time.perf_counter() - tick, output
-            return median_seconds(lambda: call("latent"), args.repeats), call("np")
-
-        unpatched_s, unpatched = measure()
+        unpatched_s, unpatched = timed_generation(call, args.repeats)
         with accel.patched(pipe, "vmoba", **options):
-            vmoba_s, patched = measure()
+            vmoba_s, patched = timed_generation(call, args.repeats)
         row = {
             "model": name,
             "dtype": str(pipe.transformer.dtype),

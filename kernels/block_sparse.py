@@ -196,8 +196,10 @@ def _text_arguments(query, value, extra_key, extra_value, extra_mask):
     return extra_key, extra_value, mask, extra_key.shape[1]
 
 
+@functools.lru_cache(maxsize=64)
 def tile_of_tokens(grid: tuple[int, ...], tile: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """``[S]`` the query tile of each row-major token, numbered as the kernels walk tiles (raster order)."""
+    """``[S]`` the query tile of each row-major token, numbered as the kernels walk tiles (raster order); cached
+    per geometry, since every layer of every step asks for the same one."""
     coords = torch.stack(torch.meshgrid(*(torch.arange(side) for side in grid), indexing="ij"), dim=-1).reshape(
         -1, len(grid)
     )
@@ -250,7 +252,7 @@ def block_select_attention(
     query_tiles = math.prod(math.ceil(side / size) for side, size in zip(grid3, tile3, strict=True))
 
     kept = selected.reshape(batch * heads, tokens, blocks).to(torch.uint8)
-    index = tile_of_tokens(partition.grid, tile, query.device)[None, :, None].expand_as(kept)
+    index = tile_of_tokens(tuple(partition.grid), tile, query.device)[None, :, None].expand_as(kept)
     visited = torch.zeros(batch * heads, query_tiles, blocks, dtype=torch.uint8, device=query.device)
     visited.scatter_reduce_(1, index, kept, reduce="amax")
     visited = visited.bool()

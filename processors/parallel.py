@@ -14,6 +14,7 @@ Ring attention splits the keys, which block / window selection needs whole, so i
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -51,15 +52,22 @@ def ulysses_group(parallel_config, method: str):
 
 def model_order(call, degree: int, device: torch.device) -> torch.Tensor:
     """Indices turning the rank-chunked sequence after the exchange into the model's full joint order."""
-    local = call.text_tokens + call.visual_tokens
+    return _orders(call.text_tokens, call.visual_tokens, call.text_first, degree, torch.device(device))[0]
+
+
+@functools.lru_cache(maxsize=32)
+def _orders(text_tokens: int, visual_tokens: int, text_first: bool, degree: int, device: torch.device):
+    """``(order, its inverse)``, once per layout: every joint layer of every step uses the same pair."""
+    local = text_tokens + visual_tokens
     starts = torch.arange(degree, device=device)[:, None] * local
-    text = torch.arange(call.text_tokens, device=device)
-    visual = torch.arange(call.visual_tokens, device=device)
-    if call.text_first:
-        text_index, visual_index = starts + text, starts + call.text_tokens + visual
-        return torch.cat([text_index.flatten(), visual_index.flatten()])
-    visual_index, text_index = starts + visual, starts + call.visual_tokens + text
-    return torch.cat([visual_index.flatten(), text_index.flatten()])
+    text = torch.arange(text_tokens, device=device)
+    visual = torch.arange(visual_tokens, device=device)
+    if text_first:
+        parts = [starts + text, starts + text_tokens + visual]
+    else:
+        parts = [starts + visual, starts + visual_tokens + text]
+    order = torch.cat([part.flatten() for part in parts])
+    return order, torch.argsort(order)
 
 
 def ulysses_attend(processor, query, key, value, attention_mask, call, group, degree: int):
@@ -75,7 +83,7 @@ def ulysses_attend(processor, query, key, value, attention_mask, call, group, de
     local_keys = key.shape[1]
     # [B, S/P, H, D] -> [B, S, H/P, D], rank chunks in order.
     query, key, value = (_all_to_all_dim_exchange(x.contiguous(), 2, 1, group) for x in (query, key, value))
-    order = model_order(call, degree, query.device)
+    order, inverse = _orders(call.text_tokens, call.visual_tokens, call.text_first, degree, query.device)
     query, key, value = (x[:, order] for x in (query, key, value))
     if attention_mask is not None and attention_mask.shape[-1] == local_keys:
         # A per-rank key mask is gathered like the keys and put in the same order.
@@ -91,5 +99,5 @@ def ulysses_attend(processor, query, key, value, attention_mask, call, group, de
         out = processor.attend(query, key, value, attention_mask, whole)
     finally:
         processor._parallel_config = parallel_config
-    out = out[:, torch.argsort(order)].contiguous()
+    out = out[:, inverse].contiguous()
     return _all_to_all_dim_exchange(out, 1, 2, group)

@@ -13,7 +13,7 @@ from accel.config import (
     StructuredConfig,
     VMoBAConfig,
 )
-from accel.errors import InvalidOptionError, UnsupportedModelError
+from accel.errors import InvalidOptionError, PatchConflictError, UnsupportedModelError
 from accel.plan import PatchPlan
 from accel.registry import register_method
 
@@ -146,30 +146,52 @@ def apply_vmoba(plan: PatchPlan, config: VMoBAConfig) -> None:
         plan.set_processor(site, processor)
 
 
-@register_method(StructuredConfig, families=("unet",))
+@register_method(StructuredConfig, families=("unet", "flux"))
 def apply_structured(plan: PatchPlan, config: StructuredConfig) -> None:
-    from accel.pipelines.structured import encode_prompt_wrapper
+    from accel.pipelines import structured
     from accel.processors.structured import StructuredAttnProcessor, StructuredValues
 
     pipe = plan.pipeline
+    if plan.family.name == "flux":
+        from accel.pipelines.controls import RecentEncodings
+
+        _check_flux_pipeline(pipe, "structured")
+        _refuse_other_control(plan, "structured")
+        if config.layers is not None:
+            raise InvalidOptionError(
+                "structured: on FLUX the averaged text embeddings enter at the transformer's input (the text stream "
+                "of every block follows from them), so layers=... does not apply; leave it unset"
+            )
+        encodings = RecentEncodings()
+        wrapper = structured.flux_encode_prompt_wrapper(pipe, encodings, config.noun_phrases, config.parser)
+        plan.wrap_pipeline("encode_prompt", wrapper)
+        plan.add_hook(plan.denoiser, structured.StructuredTextHook(encodings), structured.TEXT_HOOK_NAME)
+        return
     if pipe is not None and "text_encoder_2" in pipe.components:
         raise UnsupportedModelError(
-            "structured: SD 1.x / 2.x pipelines (one text encoder) are supported; SDXL's two encoders are not yet"
+            "structured: SD 1.x / 2.x pipelines (one text encoder) and FLUX are supported; SDXL's two encoders are "
+            "not yet"
         )
     shared = StructuredValues()
-    plan.wrap_pipeline("encode_prompt", encode_prompt_wrapper(pipe, shared, config.noun_phrases, config.parser))
+    plan.wrap_pipeline(
+        "encode_prompt", structured.encode_prompt_wrapper(pipe, shared, config.noun_phrases, config.parser)
+    )
     for site in plan.select(config, kinds=("cross",)):
         plan.set_processor(site, StructuredAttnProcessor(context=plan.context, layer=site.name, shared=shared))
 
 
-@register_method(AStarConfig, families=("unet",))
+@register_method(AStarConfig, families=("unet", "flux"))
 def apply_astar(plan: PatchPlan, config: AStarConfig) -> None:
     from accel.pipelines import controls
-    from accel.processors.controls import CrossAttentionStore, StoreAttnProcessor
+    from accel.processors.controls import CrossAttentionStore, FluxStoreAttnProcessor, StoreAttnProcessor
 
     pipe = plan.pipeline
-    if pipe is not None and "text_encoder_2" in pipe.components:
-        raise UnsupportedModelError("astar: SD 1.x / 2.x pipelines are supported; SDXL is not yet")
+    family = plan.family.name
+    if family == "flux":
+        _check_flux_pipeline(pipe, "astar")
+        _refuse_other_control(plan, "astar")
+    elif pipe is not None and "text_encoder_2" in pipe.components:
+        raise UnsupportedModelError("astar: SD 1.x / 2.x and FLUX pipelines are supported; SDXL is not yet")
     store = CrossAttentionStore()
     state = controls.GuidanceState(
         store=store,
@@ -180,8 +202,43 @@ def apply_astar(plan: PatchPlan, config: AStarConfig) -> None:
         sharpness=config.sharpness,
         tokens=config.tokens,
     )
-    plan.wrap_pipeline("encode_prompt", controls.encode_prompt_wrapper(pipe, state))
-    for site in plan.select(config, kinds=("cross",)):
-        plan.set_processor(site, StoreAttnProcessor(context=plan.context, layer=site.name, store=store))
-    plan.add_hook(plan.denoiser, controls.LatentGuidanceHook(state, plan.context, pipe), controls.GUIDANCE_HOOK_NAME)
+    inputs = controls.DENOISER_INPUTS[family]
+    plan.wrap_pipeline("encode_prompt", controls.encode_prompt_wrapper(pipe, state, inputs))
+    if family == "flux":
+        default = controls.default_recorded_layers(plan.sites)
+        sites = plan.select(config, where=None if config.layers is not None else lambda s: s.name in default)
+        processor_class = FluxStoreAttnProcessor
+    else:
+        sites = plan.select(config, kinds=("cross",))
+        processor_class = StoreAttnProcessor
+    for site in sites:
+        plan.set_processor(site, processor_class(context=plan.context, layer=site.name, store=store))
+    hook = controls.LatentGuidanceHook(state, plan.context, pipe, inputs)
+    plan.add_hook(plan.denoiser, hook, controls.GUIDANCE_HOOK_NAME)
     plan.on_remove(lambda: controls.remove_step_shims(state))
+
+
+def _refuse_other_control(plan: PatchPlan, method: str) -> None:
+    """astar and structured both read the prompt's embeddings at the transformer's input (on UNets they would both
+    replace the cross-attention processors): one at a time."""
+    from accel.pipelines.controls import GUIDANCE_HOOK_NAME
+    from accel.pipelines.structured import TEXT_HOOK_NAME
+
+    others = {GUIDANCE_HOOK_NAME: "astar", TEXT_HOOK_NAME: "structured"}
+    for _, _, name in plan.hooks:
+        if name in others:
+            raise PatchConflictError(
+                f"methods {others[name]!r} and {method!r} both steer FLUX's text conditioning and cannot be combined "
+                "yet; patch one of them"
+            )
+
+
+def _check_flux_pipeline(pipe, method: str) -> None:
+    """The controls read FLUX's plain text-to-image inputs (image tokens only, latents alone in ``hidden_states``)."""
+    from diffusers import FluxImg2ImgPipeline, FluxPipeline
+
+    if pipe is not None and not isinstance(pipe, FluxPipeline | FluxImg2ImgPipeline):
+        raise UnsupportedModelError(
+            f"{method}: on FLUX, FluxPipeline and FluxImg2ImgPipeline are supported, not {type(pipe).__name__} "
+            "(its transformer inputs carry extra image tokens or channels)"
+        )

@@ -404,12 +404,21 @@ STRUCTURED_PARSERS = ("auto", "builtin", "spacy")
 
 @dataclass(kw_only=True)
 class StructuredConfig(MethodConfig):
-    """Structured Diffusion Guidance (SD 1.x / 2.x): cross-attention values from the prompt's noun phrases.
+    """Structured Diffusion Guidance (SD 1.x / 2.x, FLUX): text values from the prompt's noun phrases.
 
     Each noun phrase is encoded on its own and written over its tokens in a copy of the prompt embedding; every
     cross-attention layer keeps the prompt's attention map (keys) and projects its values from the average of the
     prompt embedding and these copies (one projection: ``to_v`` is linear), on the conditional half of classifier-free
     guidance, at every step. A prompt that is a single noun phrase is left exactly as it is.
+
+    On FLUX the phrases are encoded by T5 (no BOS, so a phrase's tokens start at 0) and the average replaces the
+    prompt's T5 embeddings at the transformer's input (the ``encoder_hidden_states`` the pipeline hands it; the
+    context embedder is linear, so this is one projection of the averaged embeddings). FLUX has no cross-attention to
+    change the values of alone: its text tokens form a stream that each of the 19 double blocks rewrites, so only
+    the first block sees the encoder's embeddings, and averaging that block's values would reach one of the 57
+    attentions. At the input the phrase-wise encodings shape every block's text keys and values instead; the keys
+    are then no longer strictly the prompt's (a phrase token is ``(n · prompt + own) / (n + 1)`` of n phrases). The
+    pooled CLIP embedding and a true-CFG negative call are left as they are. ``layers`` does not apply on FLUX.
 
     Args:
         noun_phrases (`list[str]`, *optional*):
@@ -449,7 +458,7 @@ ASTAR_LOSSES = ("astar", "attend_excite")
 
 @dataclass(kw_only=True)
 class AStarConfig(MethodConfig):
-    """A-STAR (SD 1.x / 2.x): test-time latent updates that keep the subjects' cross-attention apart and stable.
+    """A-STAR (SD 1.x / 2.x, FLUX): test-time latent updates that keep the subjects' text attention apart and stable.
 
     At every guided step one extra UNet forward on the conditional latent records the cross-attention maps of the
     level nearest 16 x 16 (A&E's and A-STAR's resolution); each subject's map is the per-pixel softmax over the
@@ -458,6 +467,14 @@ class AStarConfig(MethodConfig):
     map held at the previous step, binarised at ``threshold``); ``loss="attend_excite"`` uses Attend-and-Excite's
     instead (the most neglected subject's smoothed peak). The latent moves down the gradient with A&E's schedule
     ``step_size · sqrt(1 − progress / 2)``, and the scheduler steps from the moved latent.
+
+    On FLUX (guidance-distilled: no guidance batch; packed latents; flow-matching scheduler) the extra forward is of
+    the transformer, and the recorded blocks (default: the middle third of all blocks, double and single stream in
+    model order; LORE reads 8-43 of FLUX's 57) hand over, beside their ordinary joint output, the image-query x
+    text-key logits ``q · kᵀ / √d`` softmax-renormalised over the prompt's own T5 tokens (LORE's convention; EOS and
+    padding left out), head- and block-averaged on the image token grid (height / 16 x width / 16). The subjects'
+    positions are counted in T5's tokens (``prompt_2`` when given). With true CFG the negative call is not guided but
+    sees the moved latent. The defaults are SD's; no FLUX weights were at hand to tune them.
 
     Args:
         tokens (`list`, *optional*):
@@ -471,7 +488,9 @@ class AStarConfig(MethodConfig):
             Fraction of the schedule with updates (A-STAR: all; A&E: the first half, 0.5).
         threshold (`float`, defaults to `0.5`): binarisation of the normalised maps for retention.
         sharpness (`float`, defaults to `100.0`): temperature of the per-pixel token softmax.
-        layers (`str`, *optional*): narrows the cross-attention layers whose maps are recorded.
+        layers (`str`, *optional*): the layers whose maps are recorded: narrows the UNet's cross-attention layers;
+            on FLUX, chooses among all blocks (e.g. ``"single_transformer_blocks.1[0-9].attn"``) instead of the
+            middle third.
     """
 
     name: ClassVar[str] = "astar"
@@ -502,3 +521,4 @@ class AStarConfig(MethodConfig):
             raise InvalidOptionError(f"astar: threshold={self.threshold!r} must be in (0, 1)")
         if not _is_number(self.sharpness) or self.sharpness <= 0:
             raise InvalidOptionError(f"astar: sharpness={self.sharpness!r} must be positive")
+

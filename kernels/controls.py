@@ -1,7 +1,9 @@
 """The losses of the cross-attention controls, on aggregated cross-attention maps (pure torch, differentiable).
 
-Maps are ``[B, h, w, T]`` probabilities over the T text tokens (head- and layer-averaged). Concept maps are
-``[B, C, h, w]``: one per concept (subject word), the mean over the word's tokens.
+Maps are ``[B, h, w, T]`` probabilities over the T text tokens (head- and layer-averaged): a UNet's
+cross-attention probabilities, or on joint attention (FLUX) the visual-query x text-key logits renormalised over the
+prompt's tokens (`text_token_maps`). Concept maps are ``[B, C, h, w]``: one per concept (subject word), the mean
+over the word's tokens.
 """
 
 from __future__ import annotations
@@ -13,14 +15,44 @@ import torch.nn.functional as F
 
 
 def concept_maps(
-    maps: torch.Tensor, positions: list[tuple[int, ...]], prompt_tokens: int, sharpness: float = 100.0
+    maps: torch.Tensor,
+    positions: list[tuple[int, ...]],
+    prompt_tokens: int | tuple[int, int],
+    sharpness: float = 100.0,
 ) -> torch.Tensor:
     """Attend-and-Excite's per-pixel token softmax (``sharpness`` x the probabilities of the prompt's own tokens,
-    BOS and padding left out), then each concept's map as the mean over its tokens."""
-    text = maps[..., 1:prompt_tokens]
+    BOS, EOS and padding left out), then each concept's map as the mean over its tokens.
+
+    ``prompt_tokens``: the span ``(first, end)`` of the prompt's own tokens in the text sequence (T5 has no BOS: its
+    prompt starts at 0); an int ``n`` is CLIP's span ``(1, n)`` (BOS at 0, EOS at ``n``). ``positions`` are
+    positions in the text sequence and must lie in the span.
+    """
+    first, end = (1, prompt_tokens) if isinstance(prompt_tokens, int) else prompt_tokens
+    outside = sorted({p for tokens in positions for p in tokens if not first <= p < end})
+    if outside:
+        raise ValueError(f"token positions {outside} lie outside the prompt's own tokens {first}..{end - 1}")
+    text = maps[..., first:end]
     weights = torch.softmax(sharpness * text, dim=-1)
-    columns = [weights[..., [p - 1 for p in tokens]].mean(dim=-1) for tokens in positions]
+    columns = [weights[..., [p - first for p in tokens]].mean(dim=-1) for tokens in positions]
     return torch.stack(columns, dim=1)
+
+
+def text_token_maps(
+    visual_query: torch.Tensor, text_key: torch.Tensor, text_keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B, V, T]``: the visual queries' attention over the text keys alone, head-averaged (LORE's maps on joint
+    attention).
+
+    The logits ``q · kᵀ / √d`` of the visual-query x text-key block are softmax-normalised over the text tokens only
+    (in a joint softmax a pixel's text share is small and varies with its image self-attention mass), in float32.
+    ``visual_query`` is ``[B, V, H, D]``, ``text_key`` ``[B, T, H, D]``; ``text_keep`` (``[B, T]`` booleans) limits
+    the softmax to the kept tokens (the prompt's own tokens), the others get probability 0.
+    """
+    q, k = visual_query.float().transpose(1, 2), text_key.float().transpose(1, 2)  # [B, H, S, D]
+    logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if text_keep is not None:
+        logits = logits.masked_fill(~text_keep[:, None, None, :], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)
 
 
 def gaussian_smooth(maps: torch.Tensor, size: int = 3, sigma: float = 0.5) -> torch.Tensor:

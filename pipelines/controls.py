@@ -1,15 +1,26 @@
-"""The guidance loop of A-STAR and Attend-and-Excite on Stable Diffusion pipelines, run from inside ``pipe(...)``.
+"""The guidance loop of A-STAR and Attend-and-Excite, run from inside ``pipe(...)`` (SD 1.x / 2.x and FLUX).
 
-Before each UNet call of a guided step, a hook on the UNet runs one extra forward on the conditional latent with
-gradients, reads the recorded cross-attention maps, and moves the latent down the loss gradient
-(``z ← z − α_t ∇z L``). The UNet call itself then sees the updated latent, and the scheduler steps from it: a shim on
-``pipe.scheduler.step`` adds the same update to the latents the pipeline hands it (installed on whichever scheduler
-the pipeline holds at the time, so swapping schedulers keeps working; all are restored by unpatch). The subject
-tokens are found in the prompt when the pipeline encodes it (``encode_prompt`` is wrapped while patched).
+Before each denoiser call of a guided step, a hook on the denoiser runs one extra forward of the prompt's rows with
+gradients, reads the recorded text-attention maps, and moves the latent down the loss gradient
+(``z ← z − α_t ∇z L``). The denoiser call itself then sees the updated latent, and the scheduler steps from it: a shim
+on ``pipe.scheduler.step`` adds the same update to the latents the pipeline hands it (installed on whichever
+scheduler the pipeline holds at the time, so swapping schedulers keeps working; all are restored by unpatch). The
+subject tokens are found in the prompt when the pipeline encodes it (``encode_prompt`` is wrapped while patched).
+
+What differs between the families:
+- SD's UNet takes ``sample`` and, under classifier-free guidance, one batch ``[negative, prompt]``: the update is
+  computed on the prompt rows and added to every row. Its cross-attention layers record probabilities.
+- FLUX's transformer takes packed latents ``hidden_states`` ``[B, S, C]`` and no guidance batch (guidance-distilled);
+  the flow-matching scheduler does not scale the model input. Its recorded joint layers hand over the image-query x
+  text-key map renormalised over the prompt's T5 tokens (no BOS; EOS and padding follow). With true CFG
+  (``true_cfg_scale > 1``) FLUX encodes the negative prompt in a second ``encode_prompt`` call and runs it in a
+  second transformer call, named ``"uncond"`` by diffusers' cache context: that call is never guided but gets the
+  step's update too, so both calls see the same latent.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -17,15 +28,99 @@ from typing import Any
 
 import torch
 from diffusers.hooks import ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+from diffusers.utils import logging
 
 from accel.errors import InvalidOptionError
 from accel.kernels import controls
 from accel.pipelines.hooks import STEP_HOOK_NAME
-from accel.pipelines.prompts import noun_phrases, word_positions
+from accel.pipelines.prompts import noun_phrases, prompt_span, word_positions
 from accel.processors.controls import CrossAttentionStore
 from accel.processors.state import PatchContext
 
 GUIDANCE_HOOK_NAME = "accel_latent_guidance"
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class PromptEncoding:
+    """One ``encode_prompt`` call: its prompt embeddings and what a method derived from the prompt text.
+
+    ``error`` is raised when a denoiser call uses these embeddings (not at encoding: FLUX encodes a true-CFG
+    negative prompt through the same function, and the subjects need not be in it).
+    """
+
+    embeds: torch.Tensor
+    data: Any = None
+    error: Exception | None = None
+
+
+class RecentEncodings:
+    """The last few encodings of a pipeline (FLUX with true CFG encodes prompt and negative prompt separately)."""
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self.items: list[PromptEncoding] = []
+
+    def add(self, encoding: PromptEncoding) -> None:
+        self.items = [*self.items, encoding][-self.keep :]
+
+    def match(self, text: torch.Tensor | None) -> tuple[PromptEncoding, bool] | None:
+        """The latest encoding whose embeddings are ``text`` (or its last rows, under a classifier-free-guidance
+        batch), with whether ``text`` holds a guidance batch."""
+        if text is None:
+            return None
+        for encoding in reversed(self.items):
+            embeds = encoding.embeds
+            rows = embeds.shape[0]
+            if text.shape[0] not in (rows, 2 * rows) or text.shape[1:] != embeds.shape[1:]:
+                continue
+            if torch.equal(text[-rows:], embeds.to(text)):
+                return encoding, text.shape[0] == 2 * rows
+        return None
+
+
+class CacheContextName(StateManager):
+    """Receives the name diffusers pipelines give a denoiser call (``"cond"`` / ``"uncond"``) through
+    ``model.cache_context(...)``; a hook holding one must be stateful (``_is_stateful = True``)."""
+
+    def __init__(self):
+        super().__init__(BaseState)
+        self.name: str | None = None
+
+    def set_context(self, context) -> None:
+        super().set_context(context)
+        self.name = getattr(context, "name", context)
+
+    def reset(self, *args, **kwargs) -> None:
+        super().reset(*args, **kwargs)
+        self.name = None
+
+
+@dataclass(frozen=True)
+class DenoiserInputs:
+    """Where a family's denoiser takes its latent, and the tokenizer its prompt positions are counted in."""
+
+    latent: str  # the latent argument of the denoiser's forward
+    tokenizer: str  # the pipeline component whose tokens the text-attention maps index
+    text_argument: str  # encode_prompt's argument holding that tokenizer's text (FLUX: prompt_2, else prompt)
+    max_length: str | None  # encode_prompt's argument with the encoded length (FLUX: max_sequence_length)
+    joint: bool  # joint attention: maps renormalised over the prompt's own tokens while recording
+
+
+DENOISER_INPUTS = {
+    "unet": DenoiserInputs(
+        latent="sample", tokenizer="tokenizer", text_argument="prompt", max_length=None, joint=False
+    ),
+    "flux": DenoiserInputs(
+        latent="hidden_states",
+        tokenizer="tokenizer_2",
+        text_argument="prompt_2",
+        max_length="max_sequence_length",
+        joint=True,
+    ),
+}
 
 
 @dataclass
@@ -39,13 +134,23 @@ class GuidanceState:
     threshold: float
     sharpness: float
     tokens: list[str | int] | None
-    prompt_embeds: torch.Tensor | None = None
-    positions: list[list[tuple[int, ...]]] = field(default_factory=list)  # per prompt row
-    prompt_tokens: list[int] = field(default_factory=list)
-    previous_regions: torch.Tensor | None = None
-    pending_update: torch.Tensor | None = None
+    encodings: RecentEncodings = field(default_factory=RecentEncodings)
+    # The prompt rows of the latest guided call: subjects' token positions and the prompt's own token span.
+    positions: list[list[tuple[int, ...]]] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    previous_regions: dict[int, torch.Tensor] = field(default_factory=dict)  # per prompt row
+    pending_update: torch.Tensor | None = None  # for the scheduler step (latent space)
+    step_update: tuple[int, torch.Tensor] | None = None  # (step index, model-input update) for further calls
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss before the update), last call
     wrapped_schedulers: list[Any] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PromptRows:
+    """Per prompt row of an encoding: the subjects' token positions and the prompt's own token span."""
+
+    positions: list[list[tuple[int, ...]]]
+    spans: list[tuple[int, int]]
 
 
 def subject_words(prompt: str) -> list[str]:
@@ -53,33 +158,42 @@ def subject_words(prompt: str) -> list[str]:
     return [phrase.text.split()[-1] for phrase in noun_phrases(prompt)]
 
 
-def encode_prompt_wrapper(pipe, state: GuidanceState):
-    """Wraps ``pipe.encode_prompt``: records the conditional embeddings and the subjects' token positions."""
+def encoded_text(arguments: dict, inputs: DenoiserInputs) -> str | list[str] | None:
+    """The text the denoiser's text tokens come from (FLUX: ``prompt_2`` for T5 when given, else ``prompt``)."""
+    text = arguments.get(inputs.text_argument)
+    return arguments.get("prompt") if text is None else text
+
+
+def encode_prompt_wrapper(pipe, state: GuidanceState, inputs: DenoiserInputs):
+    """Wraps ``pipe.encode_prompt``: records the prompt embeddings with the subjects' token positions."""
 
     def wrap(original):
         signature = inspect.signature(original)
 
+        @functools.wraps(original)  # outer wrappers see the signature
         def encode_prompt(*args, **kwargs):
             out = original(*args, **kwargs)
-            arguments = signature.bind(*args, **kwargs).arguments
-            prompt = arguments.get("prompt")
-            if prompt is None:
-                raise InvalidOptionError(
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = bound.arguments
+            state.previous_regions.clear()
+            state.losses = []
+            text = encoded_text(arguments, inputs)
+            if text is None:
+                error = InvalidOptionError(
                     f"{state.loss}: the subject tokens are found in the prompt text; pass prompt=... instead of "
                     "prompt_embeds (or unpatch)"
                 )
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            per_prompt = out[0].shape[0] // len(prompts)
-            state.positions, state.prompt_tokens = [], []
-            for text in prompts:
-                words = state.tokens if state.tokens is not None else subject_words(text)
-                positions = word_positions(pipe.tokenizer, text, words)
-                tokens = len(pipe.tokenizer(text, truncation=True)["input_ids"]) - 1
-                state.positions += [positions] * per_prompt
-                state.prompt_tokens += [tokens] * per_prompt
-            state.prompt_embeds = out[0]
-            state.previous_regions = None
-            state.losses = []
+                state.encodings.add(PromptEncoding(out[0], error=error))
+                return out
+            max_length = arguments.get(inputs.max_length) if inputs.max_length else None
+            try:
+                tokenizer = getattr(pipe, inputs.tokenizer)
+                rows = prompt_rows(tokenizer, text, out[0].shape[0], state.tokens, max_length)
+            except InvalidOptionError as error:
+                state.encodings.add(PromptEncoding(out[0], error=error))
+            else:
+                state.encodings.add(PromptEncoding(out[0], data=rows))
             return out
 
         return encode_prompt
@@ -87,17 +201,43 @@ def encode_prompt_wrapper(pipe, state: GuidanceState):
     return wrap
 
 
-class LatentGuidanceHook(ModelHook):
-    """On the UNet: the latent update before each guided call (see the module docstring)."""
+def prompt_rows(
+    tokenizer, text: str | list[str], rows: int, tokens: list[str | int] | None, max_length: int | None
+) -> PromptRows:
+    prompts = [text] if isinstance(text, str) else list(text)
+    per_prompt = rows // len(prompts)
+    positions, spans = [], []
+    for prompt in prompts:
+        words = tokens if tokens is not None else subject_words(prompt)
+        found = word_positions(tokenizer, prompt, words, max_length)  # [] for a prompt without noun phrases
+        span = prompt_span(tokenizer, prompt, max_length)
+        positions += [found] * per_prompt
+        spans += [span] * per_prompt
+    return PromptRows(positions, spans)
 
-    def __init__(self, state: GuidanceState, context: PatchContext, pipeline):
+
+class LatentGuidanceHook(ModelHook):
+    """On the denoiser: the latent update before each guided call (see the module docstring)."""
+
+    # Stateful so that diffusers hands it the cache context (the name of FLUX's true-CFG negative call).
+    _is_stateful = True
+    _warned_no_subjects = False
+
+    def __init__(self, state: GuidanceState, context: PatchContext, pipeline, inputs: DenoiserInputs):
         super().__init__()
         self.state = state
         self.context = context
         self.pipeline = pipeline
+        self.inputs = inputs
+        self.call_name = CacheContextName()
 
     def initialize_hook(self, module):
         self._signature = inspect.signature(module.forward)
+        return module
+
+    def reset_state(self, module):
+        self.state.pending_update = None
+        self.state.step_update = None
         return module
 
     def new_forward(self, module, *args, **kwargs):
@@ -109,72 +249,108 @@ class LatentGuidanceHook(ModelHook):
             step_hook.pre_forward(module, *args, **kwargs)
         step = self.context.step
         arguments = self._signature.bind(*args, **kwargs).arguments
-        sample, text = arguments["sample"], arguments.get("encoder_hidden_states")
-        rows = 0 if state.prompt_embeds is None else state.prompt_embeds.shape[0]
+        latent, text = arguments[self.inputs.latent], arguments.get("encoder_hidden_states")
+        matched = None if self.call_name.name == "uncond" else state.encodings.match(text)
+        if matched is None:
+            if self._follows_step_update(arguments, step):
+                return forward(**arguments)
+            return forward(*args, **kwargs)
+        encoding, guidance_batch = matched
+        if encoding.error is not None:
+            raise encoding.error
+        state.positions, state.spans = encoding.data.positions, encoding.data.spans
         guided = (
             state.step_size > 0
-            and rows
-            and text is not None
-            and text.shape[0] in (rows, 2 * rows)
-            and torch.equal(text[-rows:], state.prompt_embeds.to(text))
             and step is not None
             and step.step_index is not None
             and step.progress < state.guided_steps
         )
         if not guided:
             return forward(*args, **kwargs)
+        if not any(state.positions):
+            if not self._warned_no_subjects:
+                logger.warning(
+                    "%s: the prompt has no noun phrase to take subjects from, so nothing is guided; name them with "
+                    "tokens=[...]",
+                    state.loss,
+                )
+                self._warned_no_subjects = True
+            return forward(*args, **kwargs)
         if step.step_index == 0:
-            state.previous_regions = None
-        update = self._update(forward, arguments, rows, step)
-        scale = self._input_scale(arguments["timestep"], sample)
+            state.previous_regions.clear()
+        rows = encoding.embeds.shape[0]
+        update = self._update(forward, arguments, rows, guidance_batch, step)
+        scale = self._input_scale(arguments["timestep"], latent)
         state.pending_update = update / scale
+        state.step_update = (step.step_index, update)
         self._ensure_step_shim()
-        repeats = sample.shape[0] // rows
-        arguments["sample"] = sample + update.repeat(repeats, *([1] * (sample.ndim - 1)))
+        arguments[self.inputs.latent] = latent + _repeat_rows(update, latent)
         return forward(**arguments)
 
-    def _update(self, forward, arguments: dict, rows: int, step) -> torch.Tensor:
-        """The latent step ``−α ∇L`` for the conditional rows (model-input space)."""
+    def _follows_step_update(self, arguments: dict, step) -> bool:
+        """Another call of a guided step (FLUX's true-CFG negative pass) gets the same moved latent."""
+        moved = self.state.step_update
+        latent = arguments[self.inputs.latent]
+        if moved is None or step is None or moved[0] != step.step_index or moved[1].shape[1:] != latent.shape[1:]:
+            return False
+        if latent.shape[0] % moved[1].shape[0]:
+            return False
+        arguments[self.inputs.latent] = latent + _repeat_rows(moved[1].to(latent), latent)
+        return True
+
+    def _update(self, forward, arguments: dict, rows: int, guidance_batch: bool, step) -> torch.Tensor:
+        """The latent step ``−α ∇L`` for the prompt rows (model-input space)."""
         state = self.state
-        conditional = {key: _last_rows(value, rows) for key, value in arguments.items()}
-        latent = conditional["sample"].detach()
+        name = self.inputs.latent
+        conditional = {key: _last_rows(value, rows) for key, value in arguments.items()} if guidance_batch else {}
+        conditional = {**arguments, **conditional}
+        latent = conditional[name].detach()
+        # Joint attention (FLUX) renormalises its maps over the prompt's own tokens; a UNet's are probabilities.
+        spans = state.spans if self.inputs.joint else None
         # Under torch.inference_mode (as accel compare and many apps call pipelines) no tensor can join autograd:
         # leave it for this pass, and take ordinary copies of the inputs.
         with torch.inference_mode(False), torch.enable_grad():
             conditional = {key: _ordinary(value) for key, value in conditional.items()}
             latent = latent.clone().requires_grad_()
-            conditional["sample"] = latent
-            with state.store.record():
+            conditional[name] = latent
+            with state.store.record(text_spans=spans):
                 forward(**conditional)
             maps = state.store.aggregate()
-            concepts = torch.cat(
-                [
-                    controls.concept_maps(maps[i : i + 1], state.positions[i], state.prompt_tokens[i], state.sharpness)
-                    for i in range(rows)
-                ]
-            )
-            loss = self._loss(concepts)
-            (gradient,) = torch.autograd.grad(loss.sum(), latent)
+            # Row by row: prompts of one batch may name different numbers of subjects (or none).
+            losses = [
+                self._loss(
+                    controls.concept_maps(maps[i : i + 1], state.positions[i], state.spans[i], state.sharpness), i
+                )
+                for i in range(rows)
+                if state.positions[i]
+            ]
+            loss = torch.cat(losses).sum()
+            # One subject and nothing retained yet (A-STAR's first step): the loss is a constant 0.
+            gradient = torch.autograd.grad(loss, latent)[0] if loss.requires_grad else torch.zeros_like(latent)
         state.store.maps.clear()
-        state.losses.append((step.step_index, float(loss.sum())))
+        state.losses.append((step.step_index, float(loss)))
         alpha = state.step_size * math.sqrt(1 - 0.5 * step.progress)
         return -alpha * gradient.detach()
 
-    def _loss(self, concepts: torch.Tensor) -> torch.Tensor:
+    def _loss(self, concepts: torch.Tensor, row: int) -> torch.Tensor:
         state = self.state
         if state.loss == "attend_excite":
             return controls.attend_excite_loss(concepts)
         normalised = controls.normalise(concepts)
         loss = controls.segregation_loss(normalised)
-        if state.previous_regions is not None and state.previous_regions.shape == normalised.shape:
-            loss = loss + controls.retention_loss(normalised, state.previous_regions)
+        previous = state.previous_regions.get(row)
+        if previous is not None and previous.shape == normalised.shape:
+            loss = loss + controls.retention_loss(normalised, previous)
         # This step's regions are what the next step retains.
-        state.previous_regions = controls.binarise(concepts, state.threshold)
+        state.previous_regions[row] = controls.binarise(concepts, state.threshold)
         return loss
 
     def _input_scale(self, timestep, sample) -> float:
-        """The scheduler's model-input scaling at ``timestep`` (1 for DDIM / PNDM, 1/sqrt(σ²+1) for Euler)."""
+        """The scheduler's model-input scaling at ``timestep`` (1 for DDIM / PNDM and flow matching, which has no
+        ``scale_model_input``; 1/sqrt(σ²+1) for Euler)."""
         scheduler = self.pipeline.scheduler
+        if not hasattr(scheduler, "scale_model_input"):
+            return 1.0
         probe = torch.ones(1, dtype=sample.dtype, device=sample.device)
         return float(scheduler.scale_model_input(probe, timestep))
 
@@ -188,7 +364,7 @@ class LatentGuidanceHook(ModelHook):
         def step(model_output, timestep, sample, *args, **kwargs):
             update, state.pending_update = state.pending_update, None
             if update is not None:
-                sample = sample + update.to(sample).repeat(sample.shape[0] // update.shape[0], 1, 1, 1)
+                sample = sample + _repeat_rows(update.to(sample), sample)
             return original(model_output, timestep, sample, *args, **kwargs)
 
         step._accel_guidance = state
@@ -196,11 +372,26 @@ class LatentGuidanceHook(ModelHook):
         state.wrapped_schedulers.append(scheduler)
 
 
+def default_recorded_layers(sites: list) -> set[str]:
+    """FLUX: the middle third of all blocks, double and single stream together in model order (LORE reads 8-43 of
+    FLUX's 57); at least one."""
+    count = len(sites)
+    first, end = round(count / 3), round(2 * count / 3)
+    chosen = sites[first:end] or sites[count // 2 : count // 2 + 1]
+    return {site.name for site in chosen}
+
+
 def remove_step_shims(state: GuidanceState) -> None:
     for scheduler in state.wrapped_schedulers:
         vars(scheduler).pop("step", None)
     state.wrapped_schedulers.clear()
     state.pending_update = None
+    state.step_update = None
+
+
+def _repeat_rows(update: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``update`` (the prompt rows) repeated over ``like``'s batch (a guidance batch holds them twice)."""
+    return update.repeat(like.shape[0] // update.shape[0], *([1] * (like.ndim - 1)))
 
 
 def _last_rows(value, rows: int):

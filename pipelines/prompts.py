@@ -26,12 +26,30 @@ class PromptWord:
     tokens: tuple[int, ...]  # positions in the tokenized prompt (BOS included in the count)
 
 
-def prompt_words(tokenizer, prompt: str) -> list[PromptWord]:
-    """The prompt's whitespace words with the token positions each occupies (words past the length limit dropped)."""
+def prompt_span(tokenizer, prompt: str, max_length: int | None = None) -> tuple[int, int]:
+    """``(first, end)``: the positions of the prompt's own tokens in its encoded sequence, BOS (CLIP) before them
+    and EOS and padding after them left out; T5 (FLUX) has no BOS, so its prompt starts at 0. At least one token."""
+    limit = max_length or tokenizer.model_max_length
+    ids = _token_ids(tokenizer, prompt)[:limit]
+    first = _bos_offset(tokenizer, ids)
+    end = len(ids)
+    if end > first and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id:
+        end -= 1
+    elif end == limit:
+        end -= 1  # truncated: the encoder's last position holds EOS
+    return first, max(end, first + 1)
+
+
+def prompt_words(tokenizer, prompt: str, max_length: int | None = None) -> list[PromptWord]:
+    """The prompt's whitespace words with the token positions each occupies (words past the length limit dropped).
+
+    ``max_length``: the sequence length the pipeline encodes (FLUX's ``max_sequence_length``); default the
+    tokenizer's ``model_max_length``.
+    """
     words = prompt.split()
     ids = _token_ids(tokenizer, prompt)
-    offset = 1 if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else 0
-    limit = tokenizer.model_max_length - offset - 1
+    offset = _bos_offset(tokenizer, ids)
+    limit = (max_length or tokenizer.model_max_length) - offset - 1
     result, used = [], 0
     for index, word in enumerate(words):
         count = len(_token_ids(tokenizer, " ".join(words[: index + 1]), special=False))
@@ -42,19 +60,23 @@ def prompt_words(tokenizer, prompt: str) -> list[PromptWord]:
     return result
 
 
-def word_positions(tokenizer, prompt: str, words: list[str | int]) -> list[tuple[int, ...]]:
+def word_positions(
+    tokenizer, prompt: str, words: list[str | int], max_length: int | None = None
+) -> list[tuple[int, ...]]:
     """Token positions of each requested word (or token index, given as an int).
 
     A word matches a prompt word case-insensitively, ignoring punctuation around it; the first occurrence is used.
-    Raises `InvalidOptionError` listing the prompt's words for a word that is not in it.
+    Raises `InvalidOptionError` listing the prompt's words for a word that is not in it, and for a token index
+    outside the prompt's own tokens (``prompt_span``).
     """
-    found = prompt_words(tokenizer, prompt)
+    found = prompt_words(tokenizer, prompt, max_length)
     positions = []
     for word in words:
         if isinstance(word, int) and not isinstance(word, bool):
-            if not 0 < word < tokenizer.model_max_length:
+            first, end = prompt_span(tokenizer, prompt, max_length)
+            if not first <= word < end:
                 raise InvalidOptionError(
-                    f"token index {word} is outside the prompt's 1..{tokenizer.model_max_length - 1}"
+                    f"token index {word} is outside the prompt's own tokens {first}..{end - 1} of {prompt!r}"
                 )
             positions.append((word,))
             continue
@@ -63,11 +85,8 @@ def word_positions(tokenizer, prompt: str, words: list[str | int]) -> list[tuple
         if match is None:
             listed = ", ".join(repr(w.text) for w in found)
             cut = len(prompt.split()) - len(found)
-            truncated = (
-                f" (the {cut} words after those do not fit the tokenizer's {tokenizer.model_max_length} tokens)"
-                if cut
-                else ""
-            )
+            encoded = max_length or tokenizer.model_max_length
+            truncated = f" (the {cut} words after those do not fit the {encoded} tokens encoded)" if cut else ""
             raise InvalidOptionError(
                 f"{word!r} is not a word of the prompt {prompt!r}; its words are: {listed}{truncated}"
             )
@@ -163,6 +182,10 @@ def _spacy_english():
 
 def _normalise(word: str) -> str:
     return word.strip(".,;:!?\"'()").lower()
+
+
+def _bos_offset(tokenizer, ids: list[int]) -> int:
+    return 1 if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else 0
 
 
 def _token_ids(tokenizer, text: str, special: bool = True) -> list[int]:

@@ -1,19 +1,32 @@
-"""Structured Diffusion Guidance for Stable Diffusion pipelines: the noun-phrase value embeddings of each prompt.
+"""Structured Diffusion Guidance for SD and FLUX pipelines: the noun-phrase value embeddings of each prompt.
 
 accel wraps the pipeline's ``encode_prompt`` while patched: after the pipeline encodes a prompt, each of its noun
 phrases is encoded on its own and spliced into a copy of the prompt embedding at the phrase's token positions; the
-average of the prompt embedding and these copies is what the cross-attention values are projected from.
+average of the prompt embedding and these copies is what the values are projected from.
+
+- SD 1.x / 2.x: every cross-attention layer keeps the prompt's keys and projects its values from the average
+  (`accel.processors.structured`), on the conditional half of classifier-free guidance.
+- FLUX has no cross-attention: its text tokens form a stream that every double block rewrites, so only the first
+  block sees the encoder's embeddings. The average (of T5 embeddings, phrases encoded alone by T5) replaces the
+  prompt's ``encoder_hidden_states`` at the transformer's input (`StructuredTextHook`); the context embedder is
+  linear, so that is one projection of the averaged embeddings, and every block's text keys and values follow from
+  it. A true-CFG negative call (diffusers' ``"uncond"`` cache context) is left alone.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
+from diffusers.hooks import ModelHook
 
 from accel.errors import InvalidOptionError
+from accel.pipelines.controls import CacheContextName, PromptEncoding, RecentEncodings
 from accel.pipelines.prompts import NounPhrase, explicit_phrases, noun_phrases, prompt_words
 from accel.processors.structured import StructuredValues
+
+TEXT_HOOK_NAME = "accel_structured_text"
 
 
 def aligned_values(
@@ -44,6 +57,7 @@ def encode_prompt_wrapper(pipe, shared: StructuredValues, phrases_option: list[s
     def wrap(original):
         signature = inspect.signature(original)
 
+        @functools.wraps(original)  # outer wrappers see the signature
         def encode_prompt(*args, **kwargs):
             out = original(*args, **kwargs)
             bound = signature.bind(*args, **kwargs)
@@ -86,3 +100,98 @@ def encode_prompt_wrapper(pipe, shared: StructuredValues, phrases_option: list[s
         return encode_prompt
 
     return wrap
+
+
+def flux_encode_prompt_wrapper(pipe, encodings: RecentEncodings, phrases_option: list[str] | None, parser: str):
+    """The wrapper for ``FluxPipeline.encode_prompt``: records each encoding with its structured T5 embeddings.
+
+    Errors (no prompt text, a phrase not in the prompt) are raised when the transformer is called with these
+    embeddings, not here: FLUX encodes a true-CFG negative prompt through the same function.
+    """
+
+    def wrap(original):
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)  # outer wrappers see the signature
+        def encode_prompt(*args, **kwargs):
+            out = original(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = bound.arguments
+            prompt = arguments["prompt_2"] if arguments.get("prompt_2") is not None else arguments["prompt"]
+            if prompt is None:
+                error = InvalidOptionError(
+                    "structured guidance needs the prompt text to find its noun phrases; pass prompt=... instead of "
+                    "prompt_embeds (or unpatch)"
+                )
+                encodings.add(PromptEncoding(out[0], error=error))
+                return out
+            max_length = arguments["max_sequence_length"]
+
+            def encode_alone(text):
+                return original(
+                    prompt=text,
+                    device=arguments["device"],
+                    num_images_per_prompt=1,
+                    max_sequence_length=max_length,
+                    lora_scale=arguments.get("lora_scale"),
+                )[0]
+
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            per_prompt = out[0].shape[0] // len(prompts)
+            rows = []
+            try:
+                for index, text in enumerate(prompts):
+                    embedding = out[0][index * per_prompt : index * per_prompt + 1]
+                    phrases = explicit_phrases(text, phrases_option) if phrases_option else noun_phrases(text, parser)
+                    words = prompt_words(pipe.tokenizer_2, text, max_length)
+                    whole = len(text.split())
+                    own = [embedding if p.words == (0, whole) else encode_alone(p.text) for p in phrases]
+                    # T5 has no BOS: a phrase encoded alone starts at token 0.
+                    values = aligned_values(embedding, phrases, own, [w.tokens for w in words], 0)
+                    rows.append(values.expand(per_prompt, -1, -1))
+            except InvalidOptionError as error:
+                encodings.add(PromptEncoding(out[0], error=error))
+            else:
+                encodings.add(PromptEncoding(out[0], data=torch.cat(rows)))
+            return out
+
+        return encode_prompt
+
+    return wrap
+
+
+class StructuredTextHook(ModelHook):
+    """On the FLUX transformer: the prompt's ``encoder_hidden_states`` replaced by their structured average."""
+
+    # Stateful so that diffusers hands it the cache context (the name of a true-CFG negative call).
+    _is_stateful = True
+
+    def __init__(self, encodings: RecentEncodings):
+        super().__init__()
+        self.encodings = encodings
+        self.call_name = CacheContextName()
+
+    def initialize_hook(self, module):
+        self._signature = inspect.signature(module.forward)
+        return module
+
+    def reset_state(self, module):
+        return module
+
+    def pre_forward(self, module, *args, **kwargs):
+        if self.call_name.name == "uncond":
+            return args, kwargs
+        bound = self._signature.bind(*args, **kwargs)
+        text = bound.arguments.get("encoder_hidden_states")
+        matched = self.encodings.match(text)
+        if matched is None:
+            return args, kwargs  # not an encoded prompt's text (another call): left as it is
+        encoding, guidance_batch = matched
+        if encoding.error is not None:
+            raise encoding.error
+        values = encoding.data.to(text)
+        if guidance_batch:
+            values = torch.cat([text[: -values.shape[0]], values])
+        bound.arguments["encoder_hidden_states"] = values
+        return bound.args, bound.kwargs

@@ -1,19 +1,24 @@
 """Cross-attention maps for the controls: stored only while a control records, differentiable where they are kept.
 
-A `CrossAttentionStore` is shared by the UNet's cross-attention processors of one patch. Outside a recording pass
-every layer runs exact attention through SDPA; inside one, the layers at the store's token grid compute their
-probabilities explicitly (so gradients reach the latent) and keep the head average, keyed by layer name (never by
-call counts).
+A `CrossAttentionStore` is shared by the recording processors of one patch. Outside a recording pass every layer
+runs exact attention through SDPA; inside one, the UNet's cross-attention layers at the store's token grid compute
+their probabilities explicitly (so gradients reach the latent) and keep the head average, and FLUX's recorded joint
+layers add the image-query x text-key map renormalised over the prompt's tokens beside the ordinary joint output.
+Maps are keyed by layer name (never by call counts).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
-from accel.processors.dense import AttentionCall, DenseAttnProcessor
+from accel.kernels.controls import text_token_maps
+from accel.processors.dense import AttentionCall, DenseAttnProcessor, DenseFluxAttnProcessor
+from accel.processors.joint import key_padding_mask
 
 # A&E's and A-STAR's maps are 16 x 16 (of SD's 64 x 64 latent); other sizes use the recorded level nearest that.
 PREFERRED_MAP_SIDE = 16
@@ -27,20 +32,35 @@ class CrossAttentionStore:
         grid: keep only layers at this token grid ``(h, w)``; ``None`` keeps every cross-attention layer (the level
             is chosen when aggregating, so it follows resolution changes such as HiDiffusion's RAU-Net).
         maps: layer name -> ``(grid, [B, h * w, T])``.
+        text_spans: while recording, per batch row the ``(first, end)`` span of the prompt's own tokens, over which
+            joint-attention maps are renormalised (``None``: over every text token).
     """
 
     grid: tuple[int, int] | None = None
     recording: bool = False
     maps: dict[str, tuple[tuple[int, ...], torch.Tensor]] = field(default_factory=dict)
+    text_spans: list[tuple[int, int]] | None = None
 
     @contextlib.contextmanager
-    def record(self):
+    def record(self, text_spans: list[tuple[int, int]] | None = None):
         self.maps.clear()
         self.recording = True
+        self.text_spans = text_spans
         try:
             yield self
         finally:
             self.recording = False
+            self.text_spans = None
+
+    def text_keep(self, batch: int, tokens: int, device: torch.device) -> torch.Tensor | None:
+        """``[B, T]`` booleans: the text tokens inside each row's span, or ``None`` without spans."""
+        if self.text_spans is None:
+            return None
+        if len(self.text_spans) != batch:
+            raise RuntimeError(f"{len(self.text_spans)} prompt spans were given for a batch of {batch}")
+        index = torch.arange(tokens, device=device)
+        bounds = torch.tensor(self.text_spans, device=device)
+        return (index >= bounds[:, :1]) & (index < bounds[:, 1:])
 
     def aggregate(self, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """``[B, h, w, T]``: the mean over the recorded layers at ``grid`` (default: the recorded grid whose larger
@@ -82,3 +102,53 @@ class StoreAttnProcessor(DenseAttnProcessor):
 
     def __repr__(self) -> str:
         return f"StoreAttnProcessor(layer={self.layer!r}, grid={self.store.grid})"
+
+
+class FluxStoreAttnProcessor(DenseFluxAttnProcessor):
+    """A FLUX joint-attention layer that, while its store records, also hands the store the image-query x
+    text-key map (`accel.kernels.controls.text_token_maps`: renormalised over the prompt's tokens, head-averaged).
+
+    The layer's output is always the ordinary joint attention (``attend`` of the dense processor, with its backend
+    and parallel config); outside recording nothing else runs, so it is the dense processor bit for bit.
+    """
+
+    def __init__(self, context, layer: str, store: CrossAttentionStore):
+        super().__init__(context=context, layer=layer)
+        self.store = store
+
+    def attend(self, query, key, value, attention_mask, call: AttentionCall):
+        out = super().attend(query, key, value, attention_mask, call)
+        if not self.store.recording or call.kind != "joint" or not call.text_tokens:
+            return out
+        if self._parallel_config is not None:
+            raise RuntimeError(
+                f"{self.layer}: the attention controls record maps over the whole token sequence and do not run under "
+                "context parallelism yet; generate on one device (or unpatch)"
+            )
+        layout = self.context.layout if self.context is not None else None
+        grid = None if layout is None else layout.grid
+        if grid is None or math.prod(grid) != call.visual_tokens:
+            raise RuntimeError(
+                f"{self.layer} received {call.visual_tokens} image tokens but the recorded token grid is {grid}; the "
+                "attention controls need a plain text-to-image FLUX call (img_ids of the image tokens only)"
+            )
+        text = slice(0, call.text_tokens) if call.text_first else slice(call.visual_tokens, None)
+        visual = slice(call.text_tokens, None) if call.text_first else slice(0, call.visual_tokens)
+        batch = query.shape[0]
+        keep = self.store.text_keep(batch, call.text_tokens, query.device)
+        if attention_mask is not None:
+            # FLUX's optional mask is a key-padding mask; padded text keys stay out of the map too.
+            padding = key_padding_mask(attention_mask, batch, key.shape[1])[:, text]
+            keep = padding if keep is None else keep & padding
+        # Only the columns up to the prompts' last token are computed (FLUX pads T5 to 512 tokens; prompts are
+        # short), so the map and its autograd graph stay small; the columns after them are zeros.
+        spans = self.store.text_spans
+        used = min(max(end for _, end in spans), call.text_tokens) if spans else call.text_tokens
+        keep = None if keep is None else keep[:, :used]
+        maps = text_token_maps(query[:, visual], key[:, text][:, :used], keep)
+        maps = F.pad(maps, (0, call.text_tokens - maps.shape[-1]))
+        self.store.maps[self.layer] = (tuple(grid), maps)
+        return out
+
+    def __repr__(self) -> str:
+        return f"FluxStoreAttnProcessor(layer={self.layer!r})"

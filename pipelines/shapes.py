@@ -174,22 +174,36 @@ def render(scene: Scene, size: int, rng: np.random.Generator) -> np.ndarray:
     image = Image.fromarray(background.repeat(scale, axis=0).repeat(scale, axis=1))
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        cx, cy, r = obj.x * canvas, obj.y * canvas, obj.radius * canvas
         colour = tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLOURS[obj.colour])
-        if obj.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-        elif obj.shape == "square":
-            half = r * 0.85
-            draw.rectangle([cx - half, cy - half, cx + half, cy + half], fill=colour)
-        elif obj.shape == "triangle":
-            # Equilateral, pointing up, centred on its centroid.
-            draw.polygon(
-                [(cx, cy - r), (cx - r * math.sqrt(3) / 2, cy + r / 2), (cx + r * math.sqrt(3) / 2, cy + r / 2)],
-                fill=colour,
-            )
-        else:
-            draw.polygon(_star_points(cx, cy, r), fill=colour)
+        _draw(draw, obj, canvas, colour)
     return np.asarray(image.resize((size, size), Image.Resampling.BOX))
+
+
+def _draw(draw, obj: ShapeObject, canvas: int, fill) -> None:
+    cx, cy, r = obj.x * canvas, obj.y * canvas, obj.radius * canvas
+    if obj.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif obj.shape == "square":
+        half = r * 0.85
+        draw.rectangle([cx - half, cy - half, cx + half, cy + half], fill=fill)
+    elif obj.shape == "triangle":
+        # Equilateral, pointing up, centred on its centroid.
+        draw.polygon(
+            [(cx, cy - r), (cx - r * math.sqrt(3) / 2, cy + r / 2), (cx + r * math.sqrt(3) / 2, cy + r / 2)],
+            fill=fill,
+        )
+    else:
+        draw.polygon(_star_points(cx, cy, r), fill=fill)
+
+
+def object_mask(obj: ShapeObject, size: int) -> np.ndarray:
+    """``bool [size, size]``: the pixels ``obj`` covers (at least half) when rendered at ``size``."""
+    from PIL import Image, ImageDraw
+
+    scale = 4
+    image = Image.new("L", (size * scale, size * scale), 0)
+    _draw(ImageDraw.Draw(image), obj, size * scale, 255)
+    return np.asarray(image.resize((size, size), Image.Resampling.BOX)) >= 128
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -167,11 +167,6 @@ def apply_structured(plan: PatchPlan, config: StructuredConfig) -> None:
         plan.wrap_pipeline("encode_prompt", wrapper)
         plan.add_hook(plan.denoiser, structured.StructuredTextHook(encodings), structured.TEXT_HOOK_NAME)
         return
-    if pipe is not None and "text_encoder_2" in pipe.components:
-        raise UnsupportedModelError(
-            "structured: SD 1.x / 2.x pipelines (one text encoder) and FLUX are supported; SDXL's two encoders are "
-            "not yet"
-        )
     shared = StructuredValues()
     plan.wrap_pipeline(
         "encode_prompt", structured.encode_prompt_wrapper(pipe, shared, config.noun_phrases, config.parser)
@@ -190,8 +185,6 @@ def apply_astar(plan: PatchPlan, config: AStarConfig) -> None:
     if family == "flux":
         _check_flux_pipeline(pipe, "astar")
         _refuse_other_control(plan, "astar")
-    elif pipe is not None and "text_encoder_2" in pipe.components:
-        raise UnsupportedModelError("astar: SD 1.x / 2.x and FLUX pipelines are supported; SDXL is not yet")
     store = CrossAttentionStore()
     state = controls.GuidanceState(
         store=store,

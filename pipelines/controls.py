@@ -186,6 +186,16 @@ def encode_prompt_wrapper(pipe, state: GuidanceState, inputs: DenoiserInputs):
                 )
                 state.encodings.add(PromptEncoding(out[0], error=error))
                 return out
+            second = arguments.get("prompt_2")
+            if inputs.text_argument == "prompt" and second is not None and second != text:
+                # SDXL concatenates its two encoders' features token by token: the maps' token positions are one
+                # text's only when both encoders read the same text.
+                error = InvalidOptionError(
+                    f"{state.loss}: on SDXL both text encoders must read the same text for the subjects' token "
+                    "positions to hold; leave prompt_2 unset (or equal to prompt)"
+                )
+                state.encodings.add(PromptEncoding(out[0], error=error))
+                return out
             max_length = arguments.get(inputs.max_length) if inputs.max_length else None
             try:
                 tokenizer = getattr(pipe, inputs.tokenizer)

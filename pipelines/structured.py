@@ -72,12 +72,20 @@ def encode_prompt_wrapper(pipe, shared: StructuredValues, phrases_option: list[s
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             per_prompt = out[0].shape[0] // len(prompts)
 
+            second = arguments.get("prompt_2")
+            if second is not None and second != prompt:
+                raise InvalidOptionError(
+                    "structured guidance on SDXL needs both text encoders to read the same text (the phrases are "
+                    "spliced in token by token); leave prompt_2 unset (or equal to prompt)"
+                )
+
             def encode_alone(text):
+                # By keyword: SD's and SDXL's encode_prompt order their arguments differently.
                 return original(
-                    text,
-                    arguments["device"],
-                    1,
-                    False,
+                    prompt=text,
+                    device=arguments["device"],
+                    num_images_per_prompt=1,
+                    do_classifier_free_guidance=False,
                     lora_scale=arguments.get("lora_scale"),
                     clip_skip=arguments.get("clip_skip"),
                 )[0]

@@ -13,12 +13,14 @@ from accel.config import (
     AgentConfig,
     AStarConfig,
     DenseConfig,
+    EditConfig,
     GNAConfig,
     HiDiffusionConfig,
     MethodConfig,
     StructuredConfig,
     VMoBAConfig,
 )
+from accel.editing import edit
 from accel.errors import (
     AccelError,
     InvalidOptionError,
@@ -39,6 +41,7 @@ __all__ = [
     "AgentConfig",
     "AStarConfig",
     "DenseConfig",
+    "EditConfig",
     "GNAConfig",
     "HiDiffusionConfig",
     "InvalidOptionError",
@@ -52,6 +55,7 @@ __all__ = [
     "UnknownMethodError",
     "UnsupportedModelError",
     "VMoBAConfig",
+    "edit",
     "enable_context_parallel",
     "get_patch",
     "load_pipeline",

@@ -404,7 +404,7 @@ STRUCTURED_PARSERS = ("auto", "builtin", "spacy")
 
 @dataclass(kw_only=True)
 class StructuredConfig(MethodConfig):
-    """Structured Diffusion Guidance (SD 1.x / 2.x, FLUX): text values from the prompt's noun phrases.
+    """Structured Diffusion Guidance (SD 1.x / 2.x, SDXL, FLUX): text values from the prompt's noun phrases.
 
     Each noun phrase is encoded on its own and written over its tokens in a copy of the prompt embedding; every
     cross-attention layer keeps the prompt's attention map (keys) and projects its values from the average of the
@@ -458,7 +458,8 @@ ASTAR_LOSSES = ("astar", "attend_excite")
 
 @dataclass(kw_only=True)
 class AStarConfig(MethodConfig):
-    """A-STAR (SD 1.x / 2.x, FLUX): test-time latent updates that keep the subjects' text attention apart and stable.
+    """A-STAR (SD 1.x / 2.x, SDXL, FLUX): test-time latent updates that keep the subjects' text attention apart and
+    stable.
 
     At every guided step one extra UNet forward on the conditional latent records the cross-attention maps of the
     level nearest 16 x 16 (A&E's and A-STAR's resolution); each subject's map is the per-pixel softmax over the
@@ -522,3 +523,114 @@ class AStarConfig(MethodConfig):
         if not _is_number(self.sharpness) or self.sharpness <= 0:
             raise InvalidOptionError(f"astar: sharpness={self.sharpness!r} must be positive")
 
+
+EDIT_METHODS = ("dpl", "p2p")
+
+
+@dataclass(kw_only=True)
+class EditConfig:
+    """Editing a real image with ``accel.edit`` (SD 1.x / 2.x): null-text inversion, then Prompt-to-Prompt, with
+    Dynamic Prompt Learning's noun tokens (``method="dpl"``) or without (``"p2p"``).
+
+    Defaults are the references' (Prompt-to-Prompt's null-text notebook; DPL's ``DPL.sh``), with schedule-relative
+    settings given as fractions of the schedule so that any step count keeps their meaning.
+
+    Args:
+        method (`str`, defaults to `"dpl"`): ``"dpl"`` or ``"p2p"`` (null-text inversion + Prompt-to-Prompt).
+        num_inference_steps (`int`, defaults to `50`): DDIM steps of inversion and edit.
+        guidance_scale (`float`, defaults to `7.5`): classifier-free guidance of the edit (and of null-text
+            inversion, which makes the source branch reconstruct the image at this scale).
+        null_text_steps (`int`, defaults to `10`): Adam iterations per step on the unconditional embedding (stopping
+            early once the latent error is below ``1e-5 + 2e-5 · i`` in 50-step units).
+        null_text_lr (`float`, defaults to `1e-2`): their learning rate at the first step, falling linearly to half.
+        cross_replace (`float`, defaults to `0.8`): fraction of the schedule in which the edit's cross-attention maps
+            come from the source (through the word alignment).
+        self_replace (`float`, defaults to `0.4`): fraction in which the edit's self-attention in the coarse layers
+            is the source's.
+        self_replace_side (`float`, defaults to `0.5`): those coarse layers: token grids whose larger side is at
+            most this share of the latent's (the null-text notebook's 32 x 32 of SD's 64 x 64).
+        local_blend (`bool`, defaults to `True`): keep the edit inside the attention region of ``blend_words``.
+        blend_words (`list[str]`, *optional*): the words whose maps (in either prompt) bound the edit. ``None``: the
+            head noun of each phrase the edit changes ("a red circle" -> "a green circle": ``["circle"]``).
+        blend_threshold (`float`, defaults to `0.3`): the region is where the dilated, max-scaled map reaches this.
+        blend_start (`float`, defaults to `0.2`): fraction of the schedule before blending starts.
+        reweight (`dict[str, float]`, *optional*): Prompt-to-Prompt's re-weighting: edit-prompt words and the factor
+            their attention is multiplied by while maps are injected (e.g. ``{"green": 2.0}``).
+        dynamic_words (`list[str]`, *optional*): DPL's nouns (words of the source prompt). ``None``: the head noun
+            of each noun phrase.
+        dpl_steps (`int`, defaults to `21`): DPL's AdamW iterations per step at most.
+        dpl_lr (`float`, defaults to `1e-3`): their learning rate (the embeddings' own scale: a model whose token
+            embeddings are larger or smaller than SD's may want another).
+        dpl_weights (`tuple`, defaults to `(1.0, 0.05, 0.05)`): weights of the balance, background-leakage and
+            disjoint-object losses.
+        dpl_targets (`tuple`, defaults to `(0.3, 0.7, 0.9)`) and dpl_decays (`tuple`, defaults to `(25, 50, 25)`):
+            each loss's early-stop target at step ``i`` is ``target · exp(−i / decay)`` (in 50-step units).
+        dpl_clusters (`int`, defaults to `5`): k-means clusters of the inversion's self-attention; the clusters
+            that no noun's map claims (normalised mean above 0.2) are the background.
+        seed (`int`, defaults to `0`): seed of the k-means initialisation.
+    """
+
+    method: str = field(default="dpl", metadata={"choices": EDIT_METHODS})
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    null_text_steps: int = 10
+    null_text_lr: float = 1e-2
+    cross_replace: float = 0.8
+    self_replace: float = 0.4
+    self_replace_side: float = 0.5
+    local_blend: bool = True
+    blend_words: list[str] | None = None
+    blend_threshold: float = 0.3
+    blend_start: float = 0.2
+    reweight: dict[str, float] | None = None
+    dynamic_words: list[str] | None = None
+    dpl_steps: int = 21
+    dpl_lr: float = 1e-3
+    dpl_weights: tuple[float, float, float] = (1.0, 0.05, 0.05)
+    dpl_targets: tuple[float, float, float] = (0.3, 0.7, 0.9)
+    dpl_decays: tuple[float, float, float] = (25.0, 50.0, 25.0)
+    dpl_clusters: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def fail(option: str, rule: str) -> None:
+            raise InvalidOptionError(f"edit: {option}={getattr(self, option)!r} {rule}")
+
+        if self.method not in EDIT_METHODS:
+            fail("method", f"must be one of {', '.join(EDIT_METHODS)}")
+        for option in ("num_inference_steps", "dpl_clusters"):
+            value = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(option, "must be a positive integer")
+        for option in ("null_text_steps", "dpl_steps", "seed"):
+            value = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                fail(option, "must be a non-negative integer")
+        for option in ("guidance_scale", "null_text_lr", "dpl_lr"):
+            if not _is_number(getattr(self, option)) or getattr(self, option) < 0:
+                fail(option, "must be a non-negative number")
+        for option in ("cross_replace", "self_replace", "blend_start", "self_replace_side"):
+            if not _is_number(getattr(self, option)) or not 0.0 <= getattr(self, option) <= 1.0:
+                fail(option, "must be a fraction in [0, 1]")
+        if not _is_number(self.blend_threshold) or not 0.0 < self.blend_threshold <= 1.0:
+            fail("blend_threshold", "must be in (0, 1]")
+        for option in ("blend_words", "dynamic_words"):
+            value = getattr(self, option)
+            if value is not None:
+                if isinstance(value, str) or not value or not all(isinstance(w, str) for w in value):
+                    fail(option, "must be a non-empty list of words, e.g. ['circle']")
+                setattr(self, option, list(value))
+        if self.reweight is not None and (
+            not isinstance(self.reweight, dict) or not all(_is_number(v) for v in self.reweight.values())
+        ):
+            fail("reweight", "must map words to factors, e.g. {'green': 2.0}")
+        for option in ("dpl_weights", "dpl_targets", "dpl_decays"):
+            value = getattr(self, option)
+            if isinstance(value, str) or len(value) != 3 or not all(_is_number(v) and v >= 0 for v in value):
+                fail(option, "must be three non-negative numbers (balance, background, disjoint)")
+            if option == "dpl_decays" and not all(v > 0 for v in value):
+                fail(option, "must be positive")
+            setattr(self, option, tuple(float(v) for v in value))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -65,3 +65,12 @@ def test_quality_quick(tmp_path):
     assert entry["fidelity"]["dense"]["ssim"] == pytest.approx(1.0)
     assert entry["fidelity"]["agent"]["ssim"] < 1.0
     assert (tmp_path / "grid.png").stat().st_size > 0 and (tmp_path / "quality.png").stat().st_size > 0
+
+
+def test_editing_quick(tmp_path):
+    result = _run("editing.py", "--quick", out=tmp_path)
+    assert set(result["summary"]) == {"p2p", "dpl"}
+    assert all(len(rows) == 2 for rows in result["rows"].values())
+    for rows in result["rows"].values():
+        assert all(row["outside"] >= 0 and row["inside"] >= 0 for row in rows)
+    assert (tmp_path / "grid.png").stat().st_size > 0 and (tmp_path / "editing.png").stat().st_size > 0

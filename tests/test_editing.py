@@ -1,0 +1,233 @@
+"""accel.edit: prompt alignment, the editing kernels, and null-text inversion / Prompt-to-Prompt / DPL on shapes-sd."""
+
+import numpy as np
+import pytest
+import torch
+
+import accel
+from accel.kernels import editing
+from accel.pipelines import shapes
+from accel.pipelines.editing import align_prompts
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return shapes.build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def case():
+    """A two-object generator image ("a <c> circle and a <c> <shape>") and its scene."""
+    rng = np.random.default_rng(3)
+    scene = shapes.sample_scene(rng, "pair")
+    return scene, shapes.render(scene, shapes.BASE_RESOLUTION, rng)
+
+
+def test_word_swap_alignment_is_identity_with_the_swap_recorded(tokenizer):
+    alignment = align_prompts(tokenizer, "a red circle and a blue square", "a green circle and a blue square")
+    assert torch.equal(alignment.mapper, torch.eye(tokenizer.model_max_length))
+    assert torch.equal(alignment.keep_source, torch.ones(tokenizer.model_max_length))
+    assert alignment.changed == ((1, 1),)
+    assert alignment.matched == {0: 0, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6}
+
+
+def test_added_word_keeps_its_own_attention_and_later_tokens_shift(tokenizer):
+    alignment = align_prompts(tokenizer, "a circle", "a red circle")
+    # tokens: BOS=0, a=1, (red=2), circle=2 -> 3, EOS 3 -> 4, padding after.
+    assert alignment.keep_source[2] == 0 and alignment.keep_source.sum() == tokenizer.model_max_length - 1
+    assert alignment.mapper[2, 3] == 1 and alignment.mapper[3, 4] == 1 and alignment.mapper[:, 2].sum() == 0
+    assert alignment.changed == ((None, 1),)
+
+
+def test_multi_token_words_average_their_source_tokens():
+    from accel.pipelines.tiny import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(["a", "red", "blue", "circle"], model_max_length=16)
+    source, target = "a zebra circle", "a blue circle"
+    zebra = len(tokenizer("zebra", add_special_tokens=False)["input_ids"])
+    assert zebra > 1  # out-of-vocabulary: byte-level pieces
+    alignment = align_prompts(tokenizer, source, target)
+    column = alignment.mapper[:, 2]  # "blue" takes the mean of zebra's pieces
+    assert torch.allclose(column[2 : 2 + zebra], torch.full((zebra,), 1 / zebra))
+    assert column.sum() == pytest.approx(1.0)
+    assert alignment.mapper[2 + zebra, 3] == 1  # "circle"
+
+
+def test_kmeans_and_background_find_the_unclaimed_region():
+    grid = (8, 8)
+    yy, xx = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    blob = ((yy < 4) & (xx < 4)).flatten().float()
+    features = torch.stack([blob, 1 - blob], dim=1) + 0.01 * torch.randn(
+        64, 2, generator=torch.Generator().manual_seed(0)
+    )
+    labels = editing.kmeans(features, clusters=2)
+    assert len(labels.unique()) == 2 and len(labels[blob.bool()].unique()) == 1
+    word = blob.view(1, 8, 8)
+    background = editing.background_from_clusters(labels, grid, word)
+    assert torch.equal(background, 1 - blob.view(8, 8))
+
+
+def test_blend_mask_scales_out_a_floor():
+    maps = torch.full((1, 1, 4, 4), 0.5)
+    maps[0, 0, 0, 0] = 1.0
+    mask = editing.blend_mask(maps, (8, 8), threshold=0.5)
+    assert mask.shape == (1, 1, 8, 8)
+    assert 0 < mask.mean() < 0.5  # the peak's dilated neighbourhood only, not the floor everywhere
+    assert mask[0, 0, 0, 0] == 1 and mask[0, 0, -1, -1] == 0
+
+
+def test_dpl_losses_are_zero_for_disjoint_maps_and_one_for_equal():
+    a = torch.zeros(1, 1, 4, 4)
+    a[..., :2, :] = 1
+    b = 1 - a
+    assert editing.disjoint_loss(torch.cat([a, b], 1)).item() == 0
+    assert editing.disjoint_loss(torch.cat([a, a], 1)).item() == pytest.approx(1.0)
+    assert editing.background_loss(a, b[:, 0]).item() == 0
+
+
+@pytest.mark.parametrize("method", ["p2p", "dpl"])
+def test_same_prompt_without_blend_edits_nothing_exactly(shapes_pipe, case, method):
+    scene, image = case
+    result = accel.edit(
+        shapes_pipe,
+        image,
+        scene.caption,
+        scene.caption,
+        method=method,
+        num_inference_steps=4,
+        local_blend=False,
+        null_text_steps=2,
+        dpl_steps=2,
+        dpl_lr=0.05,
+        guidance_scale=6.0,
+    )
+    assert np.array_equal(np.asarray(result.image), np.asarray(result.reconstruction))
+    assert result.blend_mask is None
+
+
+def test_dpl_without_iterations_is_p2p(shapes_pipe, case):
+    scene, image = case
+    first = scene.objects[0]
+    target = scene.caption.replace(f"a {first.colour} {first.shape}", f"a green {first.shape}", 1)
+    options = dict(num_inference_steps=4, null_text_steps=2, guidance_scale=6.0)
+    p2p = accel.edit(shapes_pipe, image, scene.caption, target, method="p2p", **options)
+    dpl = accel.edit(shapes_pipe, image, scene.caption, target, method="dpl", dpl_steps=0, **options)
+    assert np.array_equal(np.asarray(p2p.image), np.asarray(dpl.image))
+
+
+def test_null_text_inversion_reconstructs_what_guided_ddim_inversion_loses(shapes_pipe, case):
+    scene, image = case
+    options = dict(method="p2p", num_inference_steps=8, guidance_scale=6.0, local_blend=False)
+    plain = accel.edit(shapes_pipe, image, scene.caption, scene.caption, null_text_steps=0, **options)
+    inverted = accel.edit(shapes_pipe, image, scene.caption, scene.caption, null_text_steps=10, **options)
+    assert inverted.losses["null_text"][-1] < plain.losses["null_text"][-1] / 5
+    error = [np.abs(np.asarray(r.reconstruction, np.float64) - image).mean() for r in (plain, inverted)]
+    assert error[1] < error[0]
+
+
+def test_recolouring_changes_the_object_more_than_the_rest(shapes_pipe, case):
+    scene, image = case
+    first = scene.objects[0]
+    target = scene.caption.replace(f"a {first.colour} {first.shape}", f"a green {first.shape}", 1)
+    result = accel.edit(
+        shapes_pipe, image, scene.caption, target, method="p2p", num_inference_steps=10, guidance_scale=6.0
+    )
+    assert result.blend_words == [first.shape, first.shape]
+    change = np.abs(np.asarray(result.image, np.float64) - np.asarray(result.reconstruction, np.float64)).mean(-1)
+    region = shapes.object_mask(first, image.shape[0])
+    assert change[region].mean() > 2 * change[~region].mean()
+
+
+def test_dpl_learning_lowers_its_loss_and_finds_a_background(shapes_pipe, case):
+    scene, image = case
+    result = accel.edit(
+        shapes_pipe,
+        image,
+        scene.caption,
+        scene.caption,
+        method="dpl",
+        num_inference_steps=4,
+        dpl_steps=5,
+        null_text_steps=2,
+        guidance_scale=6.0,
+        dpl_lr=0.05,
+    )
+    assert result.dynamic_words == [o.shape for o in scene.objects]
+    first, last = np.array(result.losses["dpl_first"]), np.array(result.losses["dpl_last"])
+    assert len(first) == 4 and last[0] < first[0] and (last <= first + 1e-6).all()
+    assert result.background is not None and result.background.ndim == 2
+
+
+def test_edit_restores_processors_even_on_error(shapes_pipe, case, monkeypatch):
+    from accel.pipelines import editing as editing_pipeline
+
+    scene, image = case
+    before = shapes_pipe.unet.attn_processors
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(editing_pipeline, "_edit", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        accel.edit(shapes_pipe, image, scene.caption, scene.caption)
+    after = shapes_pipe.unet.attn_processors
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+
+
+def test_bad_input_is_refused_with_the_fix(shapes_pipe, case, tiny_pipelines):
+    scene, image = case
+    with pytest.raises(accel.InvalidOptionError, match="in neither prompt; source words: 'a', "):
+        accel.edit(shapes_pipe, image, scene.caption, scene.caption, blend_words=["zebra"])
+    with pytest.raises(accel.InvalidOptionError, match="not in the source prompt"):
+        accel.edit(shapes_pipe, image, scene.caption, scene.caption, dynamic_words=["zebra"])
+    with pytest.raises(accel.InvalidOptionError, match="reweighted word 'zebra' is not in the edit prompt"):
+        accel.edit(shapes_pipe, image, scene.caption, scene.caption, reweight={"zebra": 2.0})
+    with pytest.raises(accel.InvalidOptionError, match="divisible by 32.*resize it"):
+        accel.edit(shapes_pipe, image[:48], scene.caption, scene.caption)
+    with pytest.raises(accel.InvalidOptionError, match="cross_replace"):
+        accel.EditConfig(cross_replace=1.5)
+    with pytest.raises(accel.InvalidOptionError, match="method"):
+        accel.EditConfig(method="pix2pix")
+    with pytest.raises(accel.UnsupportedModelError, match="SDXL"):
+        accel.edit(tiny_pipelines["sdxl-tiny"], image, scene.caption, scene.caption)
+    with accel.patched(shapes_pipe, "dense"), pytest.raises(accel.InvalidOptionError, match="unpatch"):
+        accel.edit(shapes_pipe, image, scene.caption, scene.caption)
+
+
+def test_unknown_option_names_the_closest(shapes_pipe, case):
+    scene, image = case
+    with pytest.raises(accel.InvalidOptionError, match="did you mean 'blend_words'"):
+        accel.edit(shapes_pipe, image, scene.caption, scene.caption, blend_word=["circle"])
+
+
+def test_cli_edit_writes_the_images(tmp_path, case):
+    from PIL import Image
+
+    from accel.cli import main
+
+    scene, image = case
+    Image.fromarray(image).save(tmp_path / "in.png")
+    first = scene.objects[0]
+    target = scene.caption.replace(f"a {first.colour} {first.shape}", f"a green {first.shape}", 1)
+    code = main(
+        [
+            "edit",
+            "--image",
+            str(tmp_path / "in.png"),
+            "--source",
+            scene.caption,
+            "--target",
+            target,
+            "--method",
+            "p2p",
+            "--steps",
+            "3",
+            "--option",
+            "null_text_steps=1",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 0
+    assert Image.open(tmp_path / "out" / "edited.png").size == (64, 64)
+    assert (tmp_path / "out" / "results.json").is_file()

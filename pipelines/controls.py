@@ -20,7 +20,6 @@ What differs between the families:
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from diffusers.utils import logging
 from accel.errors import InvalidOptionError
 from accel.kernels import controls
 from accel.pipelines.hooks import STEP_HOOK_NAME
-from accel.pipelines.prompts import noun_phrases, prompt_span, word_positions
+from accel.pipelines.prompts import noun_phrases, observe_encode_prompt, prompt_span, word_positions
 from accel.processors.controls import CrossAttentionStore
 from accel.processors.state import PatchContext
 
@@ -167,48 +166,37 @@ def encoded_text(arguments: dict, inputs: DenoiserInputs) -> str | list[str] | N
 def encode_prompt_wrapper(pipe, state: GuidanceState, inputs: DenoiserInputs):
     """Wraps ``pipe.encode_prompt``: records the prompt embeddings with the subjects' token positions."""
 
-    def wrap(original):
-        signature = inspect.signature(original)
+    def observe(out, arguments, original):
+        state.previous_regions.clear()
+        state.losses = []
+        text = encoded_text(arguments, inputs)
+        if text is None:
+            error = InvalidOptionError(
+                f"{state.loss}: the subject tokens are found in the prompt text; pass prompt=... instead of "
+                "prompt_embeds (or unpatch)"
+            )
+            state.encodings.add(PromptEncoding(out[0], error=error))
+            return
+        second = arguments.get("prompt_2")
+        if inputs.text_argument == "prompt" and second is not None and second != text:
+            # SDXL concatenates its two encoders' features token by token: the maps' token positions are one
+            # text's only when both encoders read the same text.
+            error = InvalidOptionError(
+                f"{state.loss}: on SDXL both text encoders must read the same text for the subjects' token "
+                "positions to hold; leave prompt_2 unset (or equal to prompt)"
+            )
+            state.encodings.add(PromptEncoding(out[0], error=error))
+            return
+        max_length = arguments.get(inputs.max_length) if inputs.max_length else None
+        try:
+            tokenizer = getattr(pipe, inputs.tokenizer)
+            rows = prompt_rows(tokenizer, text, out[0].shape[0], state.tokens, max_length)
+        except InvalidOptionError as error:
+            state.encodings.add(PromptEncoding(out[0], error=error))
+        else:
+            state.encodings.add(PromptEncoding(out[0], data=rows))
 
-        @functools.wraps(original)  # outer wrappers see the signature
-        def encode_prompt(*args, **kwargs):
-            out = original(*args, **kwargs)
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            arguments = bound.arguments
-            state.previous_regions.clear()
-            state.losses = []
-            text = encoded_text(arguments, inputs)
-            if text is None:
-                error = InvalidOptionError(
-                    f"{state.loss}: the subject tokens are found in the prompt text; pass prompt=... instead of "
-                    "prompt_embeds (or unpatch)"
-                )
-                state.encodings.add(PromptEncoding(out[0], error=error))
-                return out
-            second = arguments.get("prompt_2")
-            if inputs.text_argument == "prompt" and second is not None and second != text:
-                # SDXL concatenates its two encoders' features token by token: the maps' token positions are one
-                # text's only when both encoders read the same text.
-                error = InvalidOptionError(
-                    f"{state.loss}: on SDXL both text encoders must read the same text for the subjects' token "
-                    "positions to hold; leave prompt_2 unset (or equal to prompt)"
-                )
-                state.encodings.add(PromptEncoding(out[0], error=error))
-                return out
-            max_length = arguments.get(inputs.max_length) if inputs.max_length else None
-            try:
-                tokenizer = getattr(pipe, inputs.tokenizer)
-                rows = prompt_rows(tokenizer, text, out[0].shape[0], state.tokens, max_length)
-            except InvalidOptionError as error:
-                state.encodings.add(PromptEncoding(out[0], error=error))
-            else:
-                state.encodings.add(PromptEncoding(out[0], data=rows))
-            return out
-
-        return encode_prompt
-
-    return wrap
+    return observe_encode_prompt(observe)
 
 
 def prompt_rows(

@@ -8,6 +8,7 @@ include the tokenizer's BOS offset.
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 from dataclasses import dataclass
 
@@ -190,3 +191,24 @@ def _bos_offset(tokenizer, ids: list[int]) -> int:
 
 def _token_ids(tokenizer, text: str, special: bool = True) -> list[int]:
     return tokenizer(text, add_special_tokens=special, truncation=False)["input_ids"]
+
+
+def observe_encode_prompt(observe):
+    """A wrapper for ``pipe.encode_prompt`` (for ``PatchPlan.wrap_pipeline``): it calls the original, then
+    ``observe(out, arguments, original)`` with every argument bound by name (defaults applied), and returns the
+    original's output unchanged. The wrapper keeps the original's signature for wrappers outside it."""
+
+    def wrap(original):
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def encode_prompt(*args, **kwargs):
+            out = original(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            observe(out, bound.arguments, original)
+            return out
+
+        return encode_prompt
+
+    return wrap

@@ -15,7 +15,6 @@ average of the prompt embedding and these copies is what the values are projecte
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -23,7 +22,7 @@ from diffusers.hooks import ModelHook
 
 from accel.errors import InvalidOptionError
 from accel.pipelines.controls import CacheContextName, PromptEncoding, RecentEncodings
-from accel.pipelines.prompts import NounPhrase, explicit_phrases, noun_phrases, prompt_words
+from accel.pipelines.prompts import NounPhrase, explicit_phrases, noun_phrases, observe_encode_prompt, prompt_words
 from accel.processors.structured import StructuredValues
 
 TEXT_HOOK_NAME = "accel_structured_text"
@@ -54,60 +53,49 @@ def aligned_values(
 def encode_prompt_wrapper(pipe, shared: StructuredValues, phrases_option: list[str] | None, parser: str):
     """The wrapper for ``pipe.encode_prompt`` (StableDiffusionPipeline's signature) that fills ``shared``."""
 
-    def wrap(original):
-        signature = inspect.signature(original)
+    def observe(out, arguments, original):
+        prompt = arguments["prompt"]
+        if prompt is None:
+            raise InvalidOptionError(
+                "structured guidance needs the prompt text to find its noun phrases; pass prompt=... instead of "
+                "prompt_embeds (or unpatch)"
+            )
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        per_prompt = out[0].shape[0] // len(prompts)
 
-        @functools.wraps(original)  # outer wrappers see the signature
-        def encode_prompt(*args, **kwargs):
-            out = original(*args, **kwargs)
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            arguments = bound.arguments
-            prompt = arguments["prompt"]
-            if prompt is None:
-                raise InvalidOptionError(
-                    "structured guidance needs the prompt text to find its noun phrases; pass prompt=... instead of "
-                    "prompt_embeds (or unpatch)"
-                )
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            per_prompt = out[0].shape[0] // len(prompts)
+        second = arguments.get("prompt_2")
+        if second is not None and second != prompt:
+            raise InvalidOptionError(
+                "structured guidance on SDXL needs both text encoders to read the same text (the phrases are "
+                "spliced in token by token); leave prompt_2 unset (or equal to prompt)"
+            )
 
-            second = arguments.get("prompt_2")
-            if second is not None and second != prompt:
-                raise InvalidOptionError(
-                    "structured guidance on SDXL needs both text encoders to read the same text (the phrases are "
-                    "spliced in token by token); leave prompt_2 unset (or equal to prompt)"
-                )
+        def encode_alone(text):
+            # By keyword: SD's and SDXL's encode_prompt order their arguments differently.
+            return original(
+                prompt=text,
+                device=arguments["device"],
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+                lora_scale=arguments.get("lora_scale"),
+                clip_skip=arguments.get("clip_skip"),
+            )[0]
 
-            def encode_alone(text):
-                # By keyword: SD's and SDXL's encode_prompt order their arguments differently.
-                return original(
-                    prompt=text,
-                    device=arguments["device"],
-                    num_images_per_prompt=1,
-                    do_classifier_free_guidance=False,
-                    lora_scale=arguments.get("lora_scale"),
-                    clip_skip=arguments.get("clip_skip"),
-                )[0]
+        rows = []
+        for index, text in enumerate(prompts):
+            embedding = out[0][index * per_prompt : index * per_prompt + 1]
+            phrases = explicit_phrases(text, phrases_option) if phrases_option else noun_phrases(text, parser)
+            words = prompt_words(pipe.tokenizer, text)
+            whole = len(text.split())
+            # A phrase that is the whole prompt encodes to the prompt itself: its copy is the embedding.
+            own = [embedding if p.words == (0, whole) else encode_alone(p.text) for p in phrases]
+            offset = 1 if pipe.tokenizer.bos_token_id is not None else 0
+            values = aligned_values(embedding, phrases, own, [w.tokens for w in words], offset)
+            rows.append(values.expand(per_prompt, -1, -1))
+        shared.prompt_embeds = out[0]
+        shared.values = torch.cat(rows)
 
-            rows = []
-            for index, text in enumerate(prompts):
-                embedding = out[0][index * per_prompt : index * per_prompt + 1]
-                phrases = explicit_phrases(text, phrases_option) if phrases_option else noun_phrases(text, parser)
-                words = prompt_words(pipe.tokenizer, text)
-                whole = len(text.split())
-                # A phrase that is the whole prompt encodes to the prompt itself: its copy is the embedding.
-                own = [embedding if p.words == (0, whole) else encode_alone(p.text) for p in phrases]
-                offset = 1 if pipe.tokenizer.bos_token_id is not None else 0
-                values = aligned_values(embedding, phrases, own, [w.tokens for w in words], offset)
-                rows.append(values.expand(per_prompt, -1, -1))
-            shared.prompt_embeds = out[0]
-            shared.values = torch.cat(rows)
-            return out
-
-        return encode_prompt
-
-    return wrap
+    return observe_encode_prompt(observe)
 
 
 def flux_encode_prompt_wrapper(pipe, encodings: RecentEncodings, phrases_option: list[str] | None, parser: str):
@@ -117,56 +105,45 @@ def flux_encode_prompt_wrapper(pipe, encodings: RecentEncodings, phrases_option:
     embeddings, not here: FLUX encodes a true-CFG negative prompt through the same function.
     """
 
-    def wrap(original):
-        signature = inspect.signature(original)
+    def observe(out, arguments, original):
+        prompt = arguments["prompt_2"] if arguments.get("prompt_2") is not None else arguments["prompt"]
+        if prompt is None:
+            error = InvalidOptionError(
+                "structured guidance needs the prompt text to find its noun phrases; pass prompt=... instead of "
+                "prompt_embeds (or unpatch)"
+            )
+            encodings.add(PromptEncoding(out[0], error=error))
+            return
+        max_length = arguments["max_sequence_length"]
 
-        @functools.wraps(original)  # outer wrappers see the signature
-        def encode_prompt(*args, **kwargs):
-            out = original(*args, **kwargs)
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            arguments = bound.arguments
-            prompt = arguments["prompt_2"] if arguments.get("prompt_2") is not None else arguments["prompt"]
-            if prompt is None:
-                error = InvalidOptionError(
-                    "structured guidance needs the prompt text to find its noun phrases; pass prompt=... instead of "
-                    "prompt_embeds (or unpatch)"
-                )
-                encodings.add(PromptEncoding(out[0], error=error))
-                return out
-            max_length = arguments["max_sequence_length"]
+        def encode_alone(text):
+            return original(
+                prompt=text,
+                device=arguments["device"],
+                num_images_per_prompt=1,
+                max_sequence_length=max_length,
+                lora_scale=arguments.get("lora_scale"),
+            )[0]
 
-            def encode_alone(text):
-                return original(
-                    prompt=text,
-                    device=arguments["device"],
-                    num_images_per_prompt=1,
-                    max_sequence_length=max_length,
-                    lora_scale=arguments.get("lora_scale"),
-                )[0]
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        per_prompt = out[0].shape[0] // len(prompts)
+        rows = []
+        try:
+            for index, text in enumerate(prompts):
+                embedding = out[0][index * per_prompt : index * per_prompt + 1]
+                phrases = explicit_phrases(text, phrases_option) if phrases_option else noun_phrases(text, parser)
+                words = prompt_words(pipe.tokenizer_2, text, max_length)
+                whole = len(text.split())
+                own = [embedding if p.words == (0, whole) else encode_alone(p.text) for p in phrases]
+                # T5 has no BOS: a phrase encoded alone starts at token 0.
+                values = aligned_values(embedding, phrases, own, [w.tokens for w in words], 0)
+                rows.append(values.expand(per_prompt, -1, -1))
+        except InvalidOptionError as error:
+            encodings.add(PromptEncoding(out[0], error=error))
+        else:
+            encodings.add(PromptEncoding(out[0], data=torch.cat(rows)))
 
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            per_prompt = out[0].shape[0] // len(prompts)
-            rows = []
-            try:
-                for index, text in enumerate(prompts):
-                    embedding = out[0][index * per_prompt : index * per_prompt + 1]
-                    phrases = explicit_phrases(text, phrases_option) if phrases_option else noun_phrases(text, parser)
-                    words = prompt_words(pipe.tokenizer_2, text, max_length)
-                    whole = len(text.split())
-                    own = [embedding if p.words == (0, whole) else encode_alone(p.text) for p in phrases]
-                    # T5 has no BOS: a phrase encoded alone starts at token 0.
-                    values = aligned_values(embedding, phrases, own, [w.tokens for w in words], 0)
-                    rows.append(values.expand(per_prompt, -1, -1))
-            except InvalidOptionError as error:
-                encodings.add(PromptEncoding(out[0], error=error))
-            else:
-                encodings.add(PromptEncoding(out[0], data=torch.cat(rows)))
-            return out
-
-        return encode_prompt
-
-    return wrap
+    return observe_encode_prompt(observe)
 
 
 class StructuredTextHook(ModelHook):

@@ -286,7 +286,7 @@ def run_edit(pipe, image, source: str, target: str, config) -> EditResult:
     layout = LatentLayout(grid=tuple(latent.shape[-2:]))
     controller = EditController(layout=layout)
     # Self-attention is clustered at half the latent's resolution (DPL: 32 x 32 of SD's 64 x 64).
-    controller.self_grid = layout.level_grid(math.prod(layout.level_grid(math.prod(layout.grid))) // 4)
+    controller.self_grid = tuple(math.ceil(side / 2) for side in layout.grid)  # the UNet's second level
     controller.self_replace_side = max(1, int(max(layout.grid) * config.self_replace_side))
     originals = unet.attn_processors
     unet.set_attn_processor({name: EditAttnProcessor(controller, name) for name in originals})

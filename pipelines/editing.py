@@ -348,7 +348,7 @@ def _edit(pipe, latent, source, target, config, controller, alignment, words: _W
     # 2-3. Per step: DPL's token learning, then null-text inversion with those tokens.
     started = time.perf_counter()
     null = encode("").detach()
-    nulls, learned = [], []
+    nulls, learned, source_conditionals = [], [], []
     vectors = encode.rows(source, [p for tokens in dynamic for p in tokens])
     prompt_tokens = len(tokenizer(source, truncation=True)["input_ids"]) - 1
     z = inverted[0]
@@ -371,6 +371,7 @@ def _edit(pipe, latent, source, target, config, controller, alignment, words: _W
             )
         learned.append(vectors)
         conditional_embeds = encode(source, vectors).detach() if dynamic else source_embeds
+        source_conditionals.append(conditional_embeds)
         null, z = _null_text_step(predict, schedule, z, index, steps, null, conditional_embeds, inverted, config)
         nulls.append(null)
         losses["null_text"].append(float(torch.nn.functional.mse_loss(z, inverted[index + 1])))
@@ -397,13 +398,10 @@ def _edit(pipe, latent, source, target, config, controller, alignment, words: _W
     mask = None
     with torch.no_grad():
         for index in range(steps):
-            if dynamic:
-                conditional = [
-                    encode(source, learned[index]),
-                    encode(target, {t: learned[index][s] for t, s in shared.items()}),
-                ]
-            else:
-                conditional = [source_embeds, target_embeds]
+            edit_embeds = (
+                encode(target, {t: learned[index][s] for t, s in shared.items()}) if dynamic else target_embeds
+            )
+            conditional = [source_conditionals[index], edit_embeds]
             text = torch.cat([nulls[index], nulls[index], *conditional])
             with controller.editing(index / steps):
                 output = predict(torch.cat([pair, pair]), index, text)

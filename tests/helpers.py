@@ -86,3 +86,22 @@ def generate_shapes(pipe, prompt, steps: int = 4, size: int = 64, **overrides):
         output_type="np",
         **overrides,
     ).images
+
+
+def losses_over_latent_updates(record_maps, concept_maps, latent, loss_name: str, updates: int = 4) -> list[float]:
+    """The controls' loss over ``updates`` gradient steps on ``latent`` (``record_maps(latent)`` runs the model and
+    returns its aggregated maps; ``concept_maps(maps)`` picks the subjects)."""
+    from accel.kernels import controls
+
+    losses = []
+    for _ in range(updates):
+        latent = latent.detach().requires_grad_()
+        concepts = concept_maps(record_maps(latent))
+        if loss_name == "segregation":
+            loss = controls.segregation_loss(controls.normalise(concepts)).sum()
+        else:
+            loss = controls.attend_excite_loss(concepts).sum()
+        (gradient,) = torch.autograd.grad(loss, latent)
+        losses.append(loss.item())
+        latent = latent - 20.0 * gradient
+    return losses

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import generate_shapes
+from helpers import generate_shapes, losses_over_latent_updates
 
 import accel
 from accel.kernels import controls
@@ -89,19 +89,15 @@ def test_losses_decrease_over_latent_updates(recording_unet, loss_name):
     positions = word_positions(pipe.tokenizer, PROMPT, ["circle", "square"])
     prompt_tokens = len(pipe.tokenizer(PROMPT)["input_ids"]) - 1
     latent = torch.randn(1, unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(4):
-        latent = latent.detach().requires_grad_()
+
+    def record_maps(latent):
         with store.record():
             unet(latent, timestep, embedding)
-        concepts = controls.concept_maps(store.aggregate(), positions, prompt_tokens)
-        if loss_name == "segregation":
-            loss = controls.segregation_loss(controls.normalise(concepts)).sum()
-        else:
-            loss = controls.attend_excite_loss(concepts).sum()
-        (gradient,) = torch.autograd.grad(loss, latent)
-        losses.append(loss.item())
-        latent = latent - 20.0 * gradient
+        return store.aggregate()
+
+    losses = losses_over_latent_updates(
+        record_maps, lambda maps: controls.concept_maps(maps, positions, prompt_tokens), latent, loss_name
+    )
     assert all(later < earlier for earlier, later in zip(losses, losses[1:], strict=False)), losses
 
 

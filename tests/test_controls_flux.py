@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import model_fingerprint
+from helpers import losses_over_latent_updates, model_fingerprint
 
 import accel
 from accel.errors import InvalidOptionError
@@ -144,19 +144,15 @@ def test_losses_decrease_over_latent_updates(flux, recording_transformer, loss_n
     positions = word_positions(flux.tokenizer_2, PROMPT, ["circle", "square"], TEXT_TOKENS)
     span = prompt_span(flux.tokenizer_2, PROMPT, TEXT_TOKENS)
     latent = _latent()
-    losses = []
-    for _ in range(4):
-        latent = latent.detach().requires_grad_()
+
+    def record_maps(latent):
         with store.record(text_spans=[span]):
             run(latent)
-        concepts = controls.concept_maps(store.aggregate(), positions, span)
-        if loss_name == "segregation":
-            loss = controls.segregation_loss(controls.normalise(concepts)).sum()
-        else:
-            loss = controls.attend_excite_loss(concepts).sum()
-        (gradient,) = torch.autograd.grad(loss, latent)
-        losses.append(loss.item())
-        latent = latent - 20.0 * gradient
+        return store.aggregate()
+
+    losses = losses_over_latent_updates(
+        record_maps, lambda maps: controls.concept_maps(maps, positions, span), latent, loss_name
+    )
     assert all(later < earlier for earlier, later in zip(losses, losses[1:], strict=False)), losses
 
 

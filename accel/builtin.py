@@ -194,6 +194,7 @@ def apply_astar(plan: PatchPlan, config: AStarConfig) -> None:
         threshold=config.threshold,
         sharpness=config.sharpness,
         tokens=config.tokens,
+        subjects=config.subjects,
     )
     inputs = controls.DENOISER_INPUTS[family]
     plan.wrap_pipeline("encode_prompt", controls.encode_prompt_wrapper(pipe, state, inputs))

@@ -454,6 +454,7 @@ class StructuredConfig(MethodConfig):
 
 
 ASTAR_LOSSES = ("astar", "attend_excite")
+ASTAR_SUBJECTS = ("nouns", "phrases")
 
 
 @dataclass(kw_only=True)
@@ -480,8 +481,12 @@ class AStarConfig(MethodConfig):
     Args:
         tokens (`list`, *optional*):
             The subjects: words of the prompt (e.g. ``["circle", "square"]``; a word in several tokens counts
-            whole) or token indices. ``None``: the last word of each noun phrase of the prompt. A word that is not in
-            the prompt is an error listing the prompt's words.
+            whole) or token indices. ``None``: chosen by ``subjects``. A word that is not in the prompt is an error
+            listing the prompt's words.
+        subjects (`str`, defaults to `"nouns"`): the subjects when ``tokens`` is ``None``: ``"nouns"``, the last
+            word (head noun) of each noun phrase, as A&E and A-STAR pick them; ``"phrases"``, each noun phrase's
+            content words together (articles and counts left out), one map averaged over them, so that "red circle"
+            and "blue square" are kept apart rather than "circle" and "square".
         loss (`str`, defaults to `"astar"`): ``"astar"`` or ``"attend_excite"``.
         step_size (`float`, defaults to `20.0`): the gradient step at the first step (A&E's scale factor); 0
             leaves the pipeline exactly as it is.
@@ -497,6 +502,7 @@ class AStarConfig(MethodConfig):
     name: ClassVar[str] = "astar"
 
     tokens: list[str | int] | None = None
+    subjects: str = field(default="nouns", metadata={"choices": ASTAR_SUBJECTS})
     loss: str = field(default="astar", metadata={"choices": ASTAR_LOSSES})
     step_size: float = 20.0
     guided_steps: float = 1.0
@@ -512,6 +518,13 @@ class AStarConfig(MethodConfig):
                     "['circle', 'square']"
                 )
             self.tokens = list(self.tokens)
+        if self.subjects not in ASTAR_SUBJECTS:
+            raise InvalidOptionError(f"astar: subjects={self.subjects!r} must be one of {', '.join(ASTAR_SUBJECTS)}")
+        if self.tokens is not None and self.subjects != "nouns":
+            raise InvalidOptionError(
+                f"astar: tokens={self.tokens!r} names the subjects itself; leave subjects={self.subjects!r} out, or "
+                "drop tokens"
+            )
         if self.loss not in ASTAR_LOSSES:
             raise InvalidOptionError(f"astar: loss={self.loss!r} must be one of {', '.join(ASTAR_LOSSES)}")
         if not _is_number(self.step_size) or self.step_size < 0:

@@ -33,7 +33,13 @@ from diffusers.utils import logging
 from accel.errors import InvalidOptionError
 from accel.kernels import controls
 from accel.pipelines.hooks import STEP_HOOK_NAME
-from accel.pipelines.prompts import noun_phrases, observe_encode_prompt, prompt_span, word_positions
+from accel.pipelines.prompts import (
+    noun_phrases,
+    observe_encode_prompt,
+    phrase_positions,
+    prompt_span,
+    word_positions,
+)
 from accel.processors.controls import CrossAttentionStore
 from accel.processors.state import PatchContext
 
@@ -133,6 +139,7 @@ class GuidanceState:
     threshold: float
     sharpness: float
     tokens: list[str | int] | None
+    subjects: str
     encodings: RecentEncodings = field(default_factory=RecentEncodings)
     # The prompt rows of the latest guided call: subjects' token positions and the prompt's own token span.
     positions: list[list[tuple[int, ...]]] = field(default_factory=list)
@@ -190,7 +197,7 @@ def encode_prompt_wrapper(pipe, state: GuidanceState, inputs: DenoiserInputs):
         max_length = arguments.get(inputs.max_length) if inputs.max_length else None
         try:
             tokenizer = getattr(pipe, inputs.tokenizer)
-            rows = prompt_rows(tokenizer, text, out[0].shape[0], state.tokens, max_length)
+            rows = prompt_rows(tokenizer, text, out[0].shape[0], state.tokens, max_length, state.subjects)
         except InvalidOptionError as error:
             state.encodings.add(PromptEncoding(out[0], error=error))
         else:
@@ -200,14 +207,23 @@ def encode_prompt_wrapper(pipe, state: GuidanceState, inputs: DenoiserInputs):
 
 
 def prompt_rows(
-    tokenizer, text: str | list[str], rows: int, tokens: list[str | int] | None, max_length: int | None
+    tokenizer,
+    text: str | list[str],
+    rows: int,
+    tokens: list[str | int] | None,
+    max_length: int | None,
+    subjects: str = "nouns",
 ) -> PromptRows:
     prompts = [text] if isinstance(text, str) else list(text)
     per_prompt = rows // len(prompts)
     positions, spans = [], []
     for prompt in prompts:
-        words = tokens if tokens is not None else subject_words(prompt)
-        found = word_positions(tokenizer, prompt, words, max_length)  # [] for a prompt without noun phrases
+        # [] for a prompt without noun phrases
+        if tokens is None and subjects == "phrases":
+            found = phrase_positions(tokenizer, prompt, max_length)
+        else:
+            words = tokens if tokens is not None else subject_words(prompt)
+            found = word_positions(tokenizer, prompt, words, max_length)
         span = prompt_span(tokenizer, prompt, max_length)
         positions += [found] * per_prompt
         spans += [span] * per_prompt

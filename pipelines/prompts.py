@@ -95,6 +95,27 @@ def word_positions(
     return positions
 
 
+# Words of a noun phrase that name no property of the subject: left out of a phrase's subject tokens.
+_FUNCTION_WORDS = frozenset("a an the this that these those some two three four five six many several".split())
+
+
+def phrase_positions(tokenizer, prompt: str, max_length: int | None = None) -> list[tuple[int, ...]]:
+    """Token positions of each noun phrase's content words (articles and counts left out), one entry per phrase:
+    "a red circle and a blue square" gives the positions of "red circle" and of "blue square"."""
+    found = prompt_words(tokenizer, prompt, max_length)
+    positions = []
+    for phrase in noun_phrases(prompt):
+        tokens = tuple(
+            position
+            for word in found[phrase.words[0] : phrase.words[1]]
+            if _normalise(word.text) not in _FUNCTION_WORDS
+            for position in word.tokens
+        )
+        if tokens:
+            positions.append(tokens)
+    return positions
+
+
 @dataclass(frozen=True)
 class NounPhrase:
     text: str

@@ -131,6 +131,21 @@ def test_guidance_moves_the_latents_every_guided_step(shapes_pipe, loss):
     assert (generate_shapes(shapes_pipe, PROMPT) == reference).all()
 
 
+def test_phrase_subjects_take_each_noun_phrases_content_words(shapes_pipe):
+    from accel.pipelines.prompts import phrase_positions
+
+    tokenizer = shapes_pipe.tokenizer
+    # BOS is position 0: "a"=1, "red"=2, "circle"=3, "and"=4, "a"=5, "blue"=6, "square"=7.
+    assert phrase_positions(tokenizer, PROMPT) == [(2, 3), (6, 7)]
+    assert phrase_positions(tokenizer, "two red circles") == [(2, 3)]
+    assert phrase_positions(tokenizer, "a green star left of a red circle") == [(2, 3), (7, 8)]
+    with accel.patched(shapes_pipe, "astar", subjects="phrases", guided_steps=0.5):
+        generate_shapes(shapes_pipe, PROMPT)
+        state = _guidance_state(shapes_pipe)
+        assert state.positions == [[(2, 3), (6, 7)]]
+        assert len(state.losses) == 2
+
+
 def test_a_swapped_scheduler_is_guided_too_and_restored(shapes_pipe):
     from diffusers import EulerDiscreteScheduler
 
@@ -158,6 +173,8 @@ def test_subject_errors_name_the_prompt_words(shapes_pipe):
         ({"loss": "dice"}, "one of astar, attend_excite"),
         ({"step_size": -1}, "non-negative"),
         ({"threshold": 1.0}, "in (0, 1)"),
+        ({"subjects": "verbs"}, "one of nouns, phrases"),
+        ({"subjects": "phrases", "tokens": ["circle"]}, "names the subjects itself"),
     ):
         with pytest.raises(InvalidOptionError, match=None) as error:
             accel.patch(shapes_pipe, "astar", **options)

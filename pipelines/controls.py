@@ -218,7 +218,7 @@ def prompt_rows(
     per_prompt = rows // len(prompts)
     positions, spans = [], []
     for prompt in prompts:
-        # [] for a prompt without noun phrases
+        # Either gives [] for a prompt without noun phrases.
         if tokens is None and subjects == "phrases":
             found = phrase_positions(tokenizer, prompt, max_length)
         else:

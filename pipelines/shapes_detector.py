@@ -1,7 +1,7 @@
 """A procedural detector for the shapes world: colour segmentation, connected components, shape descriptors.
 
 No learned weights, so it scores generated images the same way today and in a year. It finds saturated blobs (the
-backgrounds are grey), names each by the nearest palette hue, and tells the shape from two descriptors:
+backgrounds are grey), names each by the nearest palette hue, and tells the shape from three descriptors:
 
 - solidity, area / convex-hull area: a star's concave points give ~0.6, the convex shapes ~0.9-1;
 - fill, area / bounding-box area: square ~1, circle ~0.79, triangle ~0.5;

@@ -173,7 +173,8 @@ def _train_unet(
     generator,
     device,
     log_every,
-    lr=5e-4,
+    *,
+    lr,
     snr_gamma=5.0,
 ):
     unet, text_encoder, scheduler = pipe.unet.to(device).train(), pipe.text_encoder.to(device).train(), pipe.scheduler
@@ -245,13 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     train(
         args.out,
-        args.pool_size,
-        args.vae_steps,
-        args.unet_steps,
-        args.batch_size,
-        args.unet_lr,
-        args.seed,
-        args.threads,
+        pool_size=args.pool_size,
+        vae_steps=args.vae_steps,
+        unet_steps=args.unet_steps,
+        batch_size=args.batch_size,
+        unet_lr=args.unet_lr,
+        seed=args.seed,
+        threads=args.threads,
     )
     return 0
 

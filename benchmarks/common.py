@@ -28,6 +28,23 @@ def median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], No
     return statistics.median(times)
 
 
+def interleaved_median_seconds(
+    fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None] | None = None
+) -> dict[str, float]:
+    """Median wall time of each callable, timed in turns (one call of each per round, after one warm-up round), so
+    that a slow spell of a shared machine falls on every side of a ratio alike."""
+    sync = sync or (lambda: None)
+    times = {name: [] for name in fns}
+    for round_index in range(repeats + 1):
+        for name, fn in fns.items():
+            tick = time.perf_counter()
+            fn()
+            sync()
+            if round_index:
+                times[name].append(time.perf_counter() - tick)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def timed_generation(call: Callable[[str], object], repeats: int) -> tuple[float, np.ndarray]:
     """``(seconds, decoded output)`` of ``call(output_type)``: with one repeat a single cold call timed with its
     decode (real-width models take minutes a call), else the median denoising loop (``"latent"``) and one decode."""

@@ -17,18 +17,22 @@ Three implementations share one geometry (``Neighborhood``):
 
 - ``neighborhood_attention_reference``: an explicit ``[S, S]`` mask, the truth for tests at small sizes;
 - ``neighborhood_attention_tiled``: the CPU path: query tiles, each attending the box of keys that covers the
-  windows of its queries (one batched SDPA, a per-tile mask only where the box is larger than a window);
+  windows of its queries (batched SDPA per row of tiles, a mask only where the box is larger than a window);
 - ``accel.kernels.block_sparse``: the Triton kernel for GPUs, driven by the same per-tile key lists.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from accel.kernels.reference import attention_with_lse
 
 
 @dataclass(frozen=True)
@@ -217,22 +221,24 @@ def default_tile(neighborhood: Neighborhood) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class TilePlan:
-    """Index tensors of one tiled GNA problem on one (sub-)grid without dilation.
+    """The tiling of one GNA problem on a (sub-)grid without dilation, axis by axis (a tile is a product of axes).
 
     Attributes:
-        query_index: ``[tiles, tile_tokens]`` flat query positions (positions past the grid repeat the last one).
-        key_index: ``[tiles, box_tokens]`` flat key positions of each tile's box.
-        mask: ``[tiles, tile_tokens, box_tokens]`` booleans, or ``None`` when every query sees its whole box.
-        valid: ``[tiles * tile_tokens]`` booleans, True where the tile position is a real query.
-        box: box shape per axis.
+        tile: query tile shape per axis; a grid's last tile on an axis may hold fewer positions.
+        box: per axis, the span of keys a tile's windows cover.
+        box_starts: per axis, the first key position of each tile's box.
+        inside: per axis, ``[tiles, tile, box]`` booleans (a position past the grid's end repeats the last one), or
+            ``None`` where every query of every tile sees its whole box on that axis.
     """
 
-    query_index: torch.Tensor
-    key_index: torch.Tensor
-    mask: torch.Tensor | None
-    valid: torch.Tensor
+    tile: tuple[int, ...]
     box: tuple[int, ...]
-    all_valid: bool = False
+    box_starts: tuple[tuple[int, ...], ...]
+    inside: tuple[torch.Tensor | None, ...]
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        return tuple(len(starts) for starts in self.box_starts)
 
 
 @functools.lru_cache(maxsize=64)
@@ -245,7 +251,7 @@ def tile_plan(
     device: torch.device,
 ) -> TilePlan:
     """The tiling of a dilation-free problem (cached: it depends only on the geometry)."""
-    per_axis = []
+    boxes, box_starts, insides = [], [], []
     for side, kernel, step, causal, size in zip(grid, kernel_size, stride, is_causal, tile, strict=True):
         start, end = axis_windows(side, kernel, step, causal)
         count = math.ceil(side / size)
@@ -256,48 +262,25 @@ def tile_plan(
         box_start = torch.clamp(start[first], max=side - box)
         keys = box_start[:, None] + torch.arange(box)[None, :]
         inside = (keys[:, None, :] >= start[positions][:, :, None]) & (keys[:, None, :] < end[positions][:, :, None])
-        real = torch.arange(count * size).reshape(count, size) < side
-        per_axis.append((positions, keys, inside, real, box))
-
-    rank = len(grid)
-    strides = [math.prod(grid[axis + 1 :]) for axis in range(rank)]
-    query_index = key_index = None
-    mask = valid = None
-    for axis, (positions, keys, inside, real, _) in enumerate(per_axis):
-        q_axis = positions * strides[axis]
-        k_axis = keys * strides[axis]
-        if query_index is None:
-            query_index, key_index, mask, valid = q_axis, k_axis, inside, real
-            continue
-        # Outer combination of this axis with the previous ones: tiles, tile tokens and box tokens all multiply.
-        tiles_before, tiles_now = query_index.shape[0], q_axis.shape[0]
-        query_index = (query_index[:, None, :, None] + q_axis[None, :, None, :]).reshape(tiles_before * tiles_now, -1)
-        key_index = (key_index[:, None, :, None] + k_axis[None, :, None, :]).reshape(tiles_before * tiles_now, -1)
-        mask = (mask[:, None, :, None, :, None] & inside[None, :, None, :, None, :]).reshape(
-            tiles_before * tiles_now, query_index.shape[1], key_index.shape[1]
-        )
-        valid = (valid[:, None, :, None] & real[None, :, None, :]).reshape(tiles_before * tiles_now, -1)
-    box = tuple(item[4] for item in per_axis)
-    return TilePlan(
-        query_index=query_index.to(device),
-        key_index=key_index.to(device),
-        mask=None if bool(mask.all()) else mask.to(device),
-        valid=valid.reshape(-1).to(device),
-        box=box,
-        all_valid=bool(valid.all()),
-    )
+        boxes.append(box)
+        box_starts.append(tuple(int(first_key) for first_key in box_start))
+        insides.append(None if bool(inside.all()) else inside.to(device))
+    return TilePlan(tile=tuple(tile), box=tuple(boxes), box_starts=tuple(box_starts), inside=tuple(insides))
 
 
 def dilation_groups(neighborhood: Neighborhood):
     """``(slices, sub_grid)`` per dilation group: GNA with dilation is dilation-free GNA inside each sub-grid."""
-    import itertools
-
     for group in itertools.product(*(range(d) for d in neighborhood.dilation)):
         slices = tuple(slice(g, None, d) for g, d in zip(group, neighborhood.dilation, strict=True))
         sub_grid = tuple(
             len(range(g, side, d)) for g, side, d in zip(group, neighborhood.grid, neighborhood.dilation, strict=True)
         )
         yield slices, sub_grid
+
+
+# Per-thread buffers the CPU path reuses between calls (see ``_scratch``), and the most it keeps.
+_SCRATCH = threading.local()
+_SCRATCH_KEPT_BYTES = 64 * 2**20
 
 
 def neighborhood_attention_tiled(
@@ -309,12 +292,12 @@ def neighborhood_attention_tiled(
     extra_value: torch.Tensor | None = None,
     extra_mask: torch.Tensor | None = None,
     tile: tuple[int, ...] | None = None,
-    max_chunk_bytes: int = 256 * 2**20,
+    max_chunk_bytes: int = _SCRATCH_KEPT_BYTES,
 ) -> torch.Tensor:
     """GNA as batched SDPA over query tiles: the CPU path (exact up to SDPA's own rounding).
 
-    Arguments as in ``neighborhood_attention_reference``; ``tile`` overrides ``default_tile``. Tiles are processed in
-    chunks so that gathered keys and values stay under ``max_chunk_bytes``.
+    Arguments as in ``neighborhood_attention_reference``; ``tile`` overrides ``default_tile``. Keys and values are copied
+    into strips chunk by chunk, so the copies stay under ``max_chunk_bytes`` (one strip at least).
     """
     _check_tokens(query, neighborhood)
     batch, tokens, heads, dim = query.shape
@@ -344,49 +327,186 @@ def neighborhood_attention_tiled(
 
 
 def _tiled_one_grid(query, key, value, neighborhood, extra_key, extra_value, extra_mask, tile, max_chunk_bytes):
-    batch, tokens, heads, dim = query.shape
-    tile = tuple(min(t, side) for t, side in zip(tile or default_tile(neighborhood), neighborhood.grid, strict=True))
-    plan = tile_plan(
-        neighborhood.grid, neighborhood.kernel_size, neighborhood.stride, neighborhood.is_causal, tile, query.device
-    )
-    tiles, tile_tokens = plan.query_index.shape
-    box_tokens = plan.key_index.shape[1]
-    text_tokens = 0 if extra_key is None else extra_key.shape[1]
-    bytes_per_tile = batch * (box_tokens + text_tokens) * heads * (dim + value.shape[-1]) * query.element_size()
-    chunk = max(1, max_chunk_bytes // max(bytes_per_tile, 1))
+    """Tiled GNA on one grid: queries attend their tile's box, the text keys through a log-sum-exp merge.
 
-    outputs = []
-    for first in range(0, tiles, chunk):
-        rows = slice(first, min(first + chunk, tiles))
-        count = rows.stop - rows.start
-        q = query[:, plan.query_index[rows].reshape(-1)].reshape(batch * count, tile_tokens, heads, dim)
-        k = key[:, plan.key_index[rows].reshape(-1)].reshape(batch * count, box_tokens, heads, dim)
-        v = value[:, plan.key_index[rows].reshape(-1)].reshape(batch * count, box_tokens, heads, -1)
-        mask = None if plan.mask is None else plan.mask[rows].repeat(batch, 1, 1)
+    SDPA wants each batch entry's keys as one strided run, and a box is not one in the row-major grid. So keys and
+    values are copied into strips, one per tile position on the non-lead axes: the box's extent on those axes, over the
+    whole lead axis, laid out lead axis first. A tile's box is then one contiguous run of its strip, and each tile row
+    along the lead axis is one SDPA call that reads the strips in place. The copies grow the keys by the box-to-tile
+    ratio of the non-lead axes only, so the lead axis is the one with the largest ratio (gathering every tile's box
+    grew them by all ratios, and an index gather ran 5-8x slower than these slice copies). Strips go through buffers
+    reused chunk by chunk, which keeps memory under ``max_chunk_bytes`` and clear of fresh-page faults.
+    """
+    batch, tokens, heads, dim = query.shape
+    value_dim = value.shape[-1]
+    grid, rank = neighborhood.grid, len(neighborhood.grid)
+    tile = tuple(min(t, side) for t, side in zip(tile or default_tile(neighborhood), grid, strict=True))
+    plan = tile_plan(grid, neighborhood.kernel_size, neighborhood.stride, neighborhood.is_causal, tile, query.device)
+    lead = max(range(rank), key=lambda axis: (plan.box[axis] / plan.tile[axis], -axis))
+    others = [axis for axis in range(rank) if axis != lead]
+    lead_side, lead_tile, lead_box = grid[lead], plan.tile[lead], plan.box[lead]
+    tile_others = [plan.tile[axis] for axis in others]
+    box_others = [plan.box[axis] for axis in others]
+    tile_area, box_area = math.prod(tile_others), math.prod(box_others)
+
+    # Grid views with the lead axis first: [B, lead, *others, H, D].
+    order = (0, 1 + lead, *(1 + axis for axis in others), rank + 1, rank + 2)
+
+    def lead_first(tensor):
+        return tensor.reshape(batch, *grid, heads, tensor.shape[-1]).permute(order)
+
+    query_grid, key_grid, value_grid = lead_first(query), lead_first(key), lead_first(value)
+    out = query.new_empty(batch, tokens, heads, value_dim)
+    out_grid = lead_first(out)
+
+    strips = []  # per strip: tile index per other axis, query slices, box slices
+    for index in itertools.product(*(range(plan.counts[axis]) for axis in others)):
+        queries, boxes = [], []
+        for axis, i in zip(others, index, strict=True):
+            queries.append(slice(i * plan.tile[axis], min((i + 1) * plan.tile[axis], grid[axis])))
+            boxes.append(slice(plan.box_starts[axis][i], plan.box_starts[axis][i] + plan.box[axis]))
+        strips.append((index, tuple(queries), tuple(boxes)))
+    bytes_per_strip = batch * lead_side * heads * query.element_size()
+    bytes_per_strip *= tile_area * dim + box_area * (dim + value_dim)
+    chunk = min(len(strips), max(1, max_chunk_bytes // max(bytes_per_strip, 1)))
+
+    # Buffers run strip-major, batch-minor: a chunk's strips are one [strips * B, ...] batch for SDPA. Query positions
+    # past the grid's end (a partial tile) hold stale copies: their rows are computed and dropped, and no other
+    # row reads them.
+    query_shape = (chunk, batch, lead_side, *tile_others, heads, dim)
+    key_shape = (chunk, batch, lead_side, *box_others, heads, dim)
+    value_shape = (chunk, batch, lead_side, *box_others, heads, value_dim)
+    sizes = [math.prod(shape) for shape in (query_shape, key_shape, value_shape)]
+    flat = _scratch(sum(sizes), query.dtype, query.device)
+    query_buffer, key_buffer, value_buffer = (
+        part.view(shape) for part, shape in zip(flat.split(sizes), (query_shape, key_shape, value_shape), strict=True)
+    )
+    everything = (slice(None), slice(None))
+
+    for first in range(0, len(strips), chunk):
+        chunk_strips = strips[first : first + chunk]
+        count = len(chunk_strips)
+        for slot, (_, queries, boxes) in enumerate(chunk_strips):
+            filled = tuple(slice(0, part.stop - part.start) for part in queries)
+            query_buffer[(slot, *everything, *filled)].copy_(query_grid[everything + queries])
+            key_buffer[slot].copy_(key_grid[everything + boxes])
+            value_buffer[slot].copy_(value_grid[everything + boxes])
+        keys = key_buffer[:count].view(count * batch, lead_side * box_area, heads, dim)
+        values = value_buffer[:count].view(count * batch, lead_side * box_area, heads, value_dim)
+        text = None
         if extra_key is not None:
-            k = torch.cat([k, extra_key.repeat_interleave(count, dim=0)], dim=1)
-            v = torch.cat([v, extra_value.repeat_interleave(count, dim=0)], dim=1)
-            if mask is not None or extra_mask is not None:
-                if mask is None:
-                    mask = torch.ones(batch * count, tile_tokens, box_tokens, dtype=torch.bool, device=query.device)
-                text = (
-                    torch.ones(batch, text_tokens, dtype=torch.bool, device=query.device)
-                    if extra_mask is None
-                    else extra_mask.to(torch.bool)
-                )
-                text = text.repeat_interleave(count, dim=0)[:, None, :].expand(-1, tile_tokens, -1)
-                mask = torch.cat([mask, text], dim=-1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=None if mask is None else mask[:, None],
-        )
-        outputs.append(out.transpose(1, 2).reshape(batch, count * tile_tokens, heads, -1))
-    out_tiles = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
-    out = torch.empty(batch, tokens, heads, value.shape[-1], dtype=query.dtype, device=query.device)
-    if plan.all_valid:
-        # Tiles cover the grid exactly: one scatter, no boolean selection (a full extra copy of the output).
-        return out.index_copy_(1, plan.query_index.reshape(-1), out_tiles)
-    out[:, plan.query_index.reshape(-1)[plan.valid]] = out_tiles[:, plan.valid]
+            text = _text_attention(
+                query_buffer[:count].view(count * batch, lead_side * tile_area, heads, dim),
+                extra_key,
+                extra_value,
+                extra_mask,
+                count,
+            )
+        strip_mask = _strip_mask(plan, others, [index for index, _, _ in chunk_strips])
+        for row, box_start in enumerate(plan.box_starts[lead]):
+            rows = slice(row * lead_tile, min((row + 1) * lead_tile, lead_side))
+            height = rows.stop - rows.start
+            q = query_buffer[:count, :, rows].reshape(count * batch, height * tile_area, heads, dim)
+            span = slice(box_start * box_area, (box_start + lead_box) * box_area)
+            mask = _tile_mask(plan, lead, row, height, strip_mask, count, batch)
+            row_text = None
+            if text is not None:
+                tokens_in_rows = slice(rows.start * tile_area, rows.stop * tile_area)
+                row_text = (text[0][:, :, tokens_in_rows], text[1][:, :, tokens_in_rows])
+            result = _attend_with_text(q, keys[:, span], values[:, span], mask, row_text)
+            result = result.transpose(1, 2).reshape(count, batch, height, *tile_others, heads, -1)
+            for slot, (_, queries, _) in enumerate(chunk_strips):
+                filled = tuple(slice(0, part.stop - part.start) for part in queries)
+                out_grid[(slice(None), rows, *queries)].copy_(result[(slot, *everything, *filled)])
     return out
+
+
+def _scratch(elements: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer of ``elements``; up to ``_SCRATCH_KEPT_BYTES`` it is kept per thread, dtype and device for the next
+    call.
+
+    Fresh buffers of tens of MB come from the OS page by page, and those page faults cost 5-10 % of a block-sparse call
+    on the 2-core CPU. The buffer holds only copies that each call overwrites before reading, so nothing carries from
+    one call to the next but memory. Larger buffers (real model widths, where a strip alone outgrows the budget) are
+    not kept: their faults are a smaller share of their calls.
+    """
+    if elements * dtype.itemsize > _SCRATCH_KEPT_BYTES:
+        return torch.empty(elements, dtype=dtype, device=device)
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    key = (dtype, device)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < elements:
+        buffer = buffers[key] = torch.empty(elements, dtype=dtype, device=device)
+    return buffer[:elements]
+
+
+def _strip_mask(plan: TilePlan, others: list[int], indices: list[tuple[int, ...]]) -> torch.Tensor | None:
+    """``[strips, *tile_others, *box_others]`` booleans of the non-lead axes, or ``None`` where they mask nothing."""
+    if all(plan.inside[axis] is None for axis in others):
+        return None
+    mask = None
+    for position, axis in enumerate(others):
+        inside = plan.inside[axis]
+        if inside is None:
+            inside = torch.ones(plan.counts[axis], plan.tile[axis], plan.box[axis], dtype=torch.bool)
+        chosen = inside[[index[position] for index in indices]]  # [strips, tile, box]
+        if mask is None:
+            mask = chosen
+            continue
+        # Outer product with the axes before: tile positions and box positions both multiply, row-major.
+        strips, tile_before, box_before = mask.shape[0], mask.shape[1], mask.shape[2]
+        mask = (mask[:, :, None, :, None] & chosen[:, None, :, None, :]).reshape(
+            strips, tile_before * chosen.shape[1], box_before * chosen.shape[2]
+        )
+    return mask
+
+
+def _tile_mask(plan: TilePlan, lead: int, row: int, height: int, strip_mask, count: int, batch: int):
+    """``[strips * B, 1, queries, keys]`` booleans of one tile row, or ``None`` when every query sees its box."""
+    lead_inside = plan.inside[lead]
+    if lead_inside is None and strip_mask is None:
+        return None
+    device = strip_mask.device if lead_inside is None else lead_inside.device
+    lead_part = (
+        torch.ones(height, 1, dtype=torch.bool, device=device) if lead_inside is None else lead_inside[row, :height]
+    )
+    other_part = torch.ones(1, 1, 1, dtype=torch.bool, device=device) if strip_mask is None else strip_mask
+    # [strips, rows, tile_others, lead box, box_others]: queries and keys both run lead axis first.
+    mask = lead_part[None, :, None, :, None] & other_part[:, None, :, None, :]
+    tile_area = math.prod(plan.tile) // plan.tile[lead]
+    box_area = math.prod(plan.box) // plan.box[lead]
+    mask = mask[:, None].expand(count, batch, height, tile_area, plan.box[lead], box_area)
+    return mask.reshape(count * batch, 1, height * tile_area, plan.box[lead] * box_area)
+
+
+def _text_attention(query, extra_key, extra_value, extra_mask, count):
+    """``(out, lse)`` of ``[strips * B, L, H, D]`` queries against the text keys (the same for every strip)."""
+    batch, text_tokens, heads, dim = extra_key.shape
+
+    def per_strip(tensor):
+        return (
+            tensor.transpose(1, 2)[None].expand(count, -1, -1, -1, -1).reshape(count * batch, heads, text_tokens, -1)
+        )
+
+    padding = None if extra_mask is None else extra_mask[None].expand(count, -1, -1).reshape(count * batch, -1)
+    return attention_with_lse(query.transpose(1, 2), per_strip(extra_key), per_strip(extra_value), key_padding=padding)
+
+
+def _attend_with_text(query, key, value, mask, text):
+    """``[N, H, L, Dv]``: the box attention, merged by log-sum-exp with the text part ``(out, lse)`` when given."""
+    query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if text is None:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    additive = None
+    if mask is not None:
+        additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~mask, float("-inf"))
+    box_out, box_lse = attention_with_lse(query, key, value, additive)
+    text_out, text_lse = text
+    # The softmax over box and text keys together is the two partial results weighted by their shares of its
+    # normaliser; the text's share is sigmoid(lse_text - lse_box), 0 when every text key is padding. One fused pass.
+    text_share = torch.sigmoid(text_lse - box_lse)[..., None]
+    if box_out.dtype != torch.float32:
+        return torch.lerp(box_out.float(), text_out.float(), text_share).to(box_out.dtype)
+    return torch.lerp(box_out, text_out, text_share)

@@ -45,3 +45,32 @@ def attention_reference(
     if masked_rows is not None:
         probs = probs.masked_fill(masked_rows, 0.0)
     return torch.einsum("bhqk,bkhd->bqhd", probs, value).to(dtype)
+
+
+def attention_with_lse(query, key, value, mask=None, key_padding=None):
+    """``[N, H, Sq, Dv]`` attention and its ``[N, H, Sq]`` fp32 log-sum-exp, for merging partial results exactly.
+
+    Tensors are ``[N, H, S, D]``. ``mask`` is additive (``-inf`` = not attended), broadcastable to the scores, and
+    must leave every row a key. ``key_padding`` is ``[N, Sk]`` booleans (False = padding) and may leave a sample
+    none: its rows come back as output 0 and lse ``-inf``, so they weigh nothing in a merge (the fused CPU kernel
+    alone would return lse 0). A fused kernel on CPU; written out elsewhere.
+    """
+    if key_padding is not None:
+        mask = torch.zeros(key_padding.shape[0], 1, 1, key_padding.shape[1], dtype=query.dtype, device=query.device)
+        mask.masked_fill_(~key_padding.to(torch.bool)[:, None, None, :], float("-inf"))
+    if query.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, False, attn_mask=mask
+        )
+    else:
+        scores = (query.float() @ key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5
+        if mask is not None:
+            scores = scores + mask.float()
+        lse = torch.logsumexp(scores, dim=-1)
+        out = (torch.exp(scores - lse[..., None]) @ value.float()).to(query.dtype)
+    if key_padding is not None:
+        empty = ~key_padding.to(torch.bool).any(dim=-1)
+        if bool(empty.any()):
+            lse = lse.masked_fill(empty[:, None, None], float("-inf"))
+            out = out.masked_fill(empty[:, None, None, None], 0.0)
+    return out, lse

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from accel.kernels.reference import attention_with_lse
+
 
 @dataclass(frozen=True)
 class BlockPartition:
@@ -271,35 +273,17 @@ def block_attention_sparse(
         if partial_blocks:
             mask = torch.zeros(chunk.numel(), 1, 1, per_block, dtype=query.dtype, device=device)
             mask = mask.masked_fill(~key_valid[chunk % blocks][:, None, None, :], float("-inf"))
-        out, lse = _attention_with_lse(
+        out, lse = attention_with_lse(
             q_heads[query_rows][:, None], k_heads[key_rows][:, None], v_heads[key_rows][:, None], mask
         )
         merged.add(query_rows[valid], out[:, 0][valid], lse[:, 0][valid])
 
     if extra_key is not None:
-        text = extra_key.shape[1]
-        mask = None
-        if extra_mask is not None:
-            mask = torch.zeros(batch, 1, 1, text, dtype=query.dtype, device=device)
-            mask = mask.masked_fill(~extra_mask[:, None, None, :], float("-inf"))
-        out, lse = _attention_with_lse(
-            query.transpose(1, 2), extra_key.transpose(1, 2), extra_value.transpose(1, 2), mask
+        out, lse = attention_with_lse(
+            query.transpose(1, 2), extra_key.transpose(1, 2), extra_value.transpose(1, 2), key_padding=extra_mask
         )  # [B, H, S, Dv], [B, H, S]
         merged.add(torch.arange(groups * tokens, device=device), out.reshape(-1, value_dim), lse.reshape(-1))
     return merged.result().to(query.dtype).view(batch, heads, tokens, value_dim).transpose(1, 2)
-
-
-def _attention_with_lse(query, key, value, mask):
-    """``[N, H, Sq, D]`` attention and its ``[N, H, Sq]`` log-sum-exp (a fused kernel on CPU, explicit elsewhere)."""
-    if query.device.type == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, False, attn_mask=mask
-        )
-    scores = (query.float() @ key.float().transpose(-1, -2)) * query.shape[-1] ** -0.5
-    if mask is not None:
-        scores = scores + mask.float()
-    lse = torch.logsumexp(scores, dim=-1)
-    return (torch.exp(scores - lse[..., None]) @ value.float()).to(query.dtype), lse
 
 
 class _LogSumExpMerge:

@@ -90,6 +90,10 @@ TILED_CASES = [
     ((4, 5, 6), (2, 3, 3), (1, 2, 1), 1, (True, False, False), None),
     ((5, 6, 7), (3, 4, 5), (2, 2, 4), (1, 1, 1), False, (2, 4, 4)),
     ((17,), (5,), (1,), (3,), False, None),
+    # Keys run through strips along the axis whose box outgrows its tile most: here the last axis, no mask ...
+    ((4, 6, 12), (2, 3, 6), (2, 3, 3), 1, False, (2, 3, 3)),
+    # ... and here the middle one, with masks on every axis and partial tiles.
+    ((5, 9, 6), (3, 5, 3), 1, 1, False, (2, 3, 2)),
 ]
 
 
@@ -115,6 +119,28 @@ def test_extra_keys_are_seen_by_every_query(with_padding):
     torch.testing.assert_close(actual, expected, atol=2e-6, rtol=2e-5)
     # Without the text keys the result differs: the test can see them.
     assert (neighborhood_attention_tiled(q, k, v, hood) - actual).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "grid, kernel, stride, tile",
+    [
+        ((8, 12), (4, 4), (4, 4), (4, 4)),  # tiles cover the grid exactly: permuted queries, no mask
+        ((9, 11), (3, 5), (1, 2), (4, 4)),  # uneven tiles (repeated positions) and masked boxes
+        ((5, 6, 7), (3, 4, 5), (1, 2, 2), (2, 4, 4)),
+        ((4, 6, 12), (2, 3, 6), (2, 3, 3), (2, 3, 3)),
+        ((5, 9, 6), (3, 5, 3), (1, 1, 1), (2, 3, 2)),
+    ],
+)
+def test_tiles_with_text_keys_in_small_chunks_match_the_explicit_mask(grid, kernel, stride, tile):
+    hood = Neighborhood.create(grid, kernel, stride)
+    q, k, v = _qkv(hood.tokens)
+    text_k, text_v = _qkv(4, seed=1)[:2]
+    text_mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    expected = neighborhood_attention_reference(q, k, v, hood, text_k, text_v, text_mask)
+    # Chunks of a few tiles reuse the key buffers, so a stale box or text row would show here.
+    for max_chunk_bytes in (1, 3 * 2**10, 2**30):
+        actual = _tiled_one_grid(q, k, v, hood, text_k, text_v, text_mask, tile, max_chunk_bytes)
+        torch.testing.assert_close(actual, expected, atol=2e-6, rtol=2e-5)
 
 
 def test_kernel_as_large_as_the_grid_is_dense_attention():
@@ -190,3 +216,39 @@ def test_same_result_as_natten(grid, kernel, stride, dilation, causal):
     ).reshape(q.shape)
     ours = neighborhood_attention_tiled(q, k, v, hood, text_k, text_v)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
+def test_half_precision_tiles_with_text_stay_near_the_fp32_truth(dtype, atol):
+    hood = Neighborhood.create((9, 12), (5, 6), (1, 3))
+    q, k, v = _qkv(hood.tokens, dim=16)
+    text_k, text_v = _qkv(3, dim=16, seed=1)[:2]
+    text_mask = torch.tensor([[True, True, True], [True, False, False]])
+    expected = neighborhood_attention_reference(q, k, v, hood, text_k, text_v, text_mask)
+    half = [x.to(dtype) for x in (q, k, v, text_k, text_v)]
+    actual = neighborhood_attention_tiled(*half[:3], hood, *half[3:], text_mask, tile=(4, 6))
+    assert actual.dtype == dtype
+    torch.testing.assert_close(actual.float(), expected, atol=atol, rtol=0)
+
+
+def test_stale_buffer_contents_from_an_earlier_call_do_not_reach_the_result():
+    # Fill the reused buffers with NaN through a call on NaN inputs, then run a problem whose partial tiles leave
+    # buffer rows unwritten: those rows are computed and dropped, and no real query may read them.
+    poisoned = Neighborhood.create((12, 12), (4, 4), (1, 1))
+    nan = torch.full((2, poisoned.tokens, 2, 8), float("nan"))
+    neighborhood_attention_tiled(nan, nan, nan, poisoned, tile=(4, 4))
+    hood = Neighborhood.create((9, 11), (3, 5), (1, 2))
+    q, k, v = _qkv(hood.tokens)
+    actual = neighborhood_attention_tiled(q, k, v, hood, tile=(4, 4))
+    torch.testing.assert_close(actual, neighborhood_attention_reference(q, k, v, hood), atol=2e-6, rtol=2e-5)
+
+
+def test_a_sample_whose_text_keys_are_all_padding_attends_its_window_alone():
+    hood = Neighborhood.create((6, 8), (3, 4), (1, 2))
+    q, k, v = _qkv(hood.tokens)
+    text_k, text_v = _qkv(3, seed=1)[:2]
+    text_mask = torch.tensor([[True, False, True], [False, False, False]])
+    actual = neighborhood_attention_tiled(q, k, v, hood, text_k, text_v, text_mask, tile=(3, 4))
+    expected = neighborhood_attention_reference(q, k, v, hood, text_k, text_v, text_mask)
+    torch.testing.assert_close(actual, expected, atol=2e-6, rtol=2e-5)
+    torch.testing.assert_close(actual[1], neighborhood_attention_reference(q, k, v, hood)[1], atol=2e-6, rtol=2e-5)

@@ -117,7 +117,7 @@ def test_selection_keeps_own_blocks_and_grows_with_the_threshold():
 
 
 @pytest.mark.parametrize(("grid", "block"), PARTITIONS)
-@pytest.mark.parametrize("text", ["none", "text", "padded text"])
+@pytest.mark.parametrize("text", ["none", "text", "padded text", "all padding"])
 def test_sparse_path_equals_the_explicit_mask(grid, block, text):
     generator = torch.Generator().manual_seed(11)
     tokens = math.prod(grid)
@@ -127,6 +127,8 @@ def test_sparse_path_equals_the_explicit_mask(grid, block, text):
         extra = dict(extra_key=torch.randn(2, 4, 3, 8), extra_value=torch.randn(2, 4, 3, 8))
     if text == "padded text":
         extra["extra_mask"] = torch.tensor([[True, True, False, False], [True] * 4])
+    if text == "all padding":  # the second sample has no text at all: its visual keys alone
+        extra["extra_mask"] = torch.tensor([[True, True, False, False], [False] * 4])
     partition = block_partition(grid, block)
     selected = select_blocks(q, k, partition, 0.3)
     reference = block_attention_reference(q, k, v, partition, selected, **extra)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from helpers import generate, model_fingerprint
 
 import accel
 from accel.errors import InvalidOptionError, UnsupportedModelError
-from accel.kernels.neighborhood import Neighborhood
+from accel.kernels.neighborhood import Neighborhood, default_tile, tile_plan
 from accel.pipelines.gna import flux_default_geometry, hunyuanvideo_default_geometry
 from accel.processors.gna import _NeighborhoodAttend
 
@@ -144,3 +145,21 @@ def test_default_geometry_reproduces_the_papers_4k_settings():
     assert hunyuanvideo_default_geometry((30, 48, 80)) == ((18, 24, 24), (16, 8, 8))
     kernel, stride = flux_default_geometry((3, 40))
     assert Neighborhood.create((3, 40), kernel, stride)  # valid on small and uneven grids too
+
+
+@pytest.mark.parametrize(
+    "geometry, grid",
+    [
+        (flux_default_geometry, (128, 128)),
+        (flux_default_geometry, (64, 96)),
+        (hunyuanvideo_default_geometry, (8, 32, 64)),
+        (hunyuanvideo_default_geometry, (30, 48, 80)),
+    ],
+)
+def test_default_geometry_is_block_sparse_for_the_cpu_tiles(geometry, grid):
+    # The paper's strides kept at every size: every CPU tile is whole stride groups sharing one window, so no tile
+    # needs a mask (the proportional strides used before left masks in the tiles, which ran about 3x slower).
+    hood = Neighborhood.create(grid, *geometry(grid))
+    tile = default_tile(hood)
+    plan = tile_plan(hood.grid, hood.kernel_size, hood.stride, hood.is_causal, tile, torch.device("cpu"))
+    assert tile == hood.stride and all(inside is None for inside in plan.inside)

@@ -361,13 +361,14 @@ def _tiled_one_grid(query, key, value, neighborhood, extra_key, extra_value, ext
     out = query.new_empty(batch, tokens, heads, value_dim)
     out_grid = lead_first(out)
 
-    strips = []  # per strip: tile index per other axis, query slices, box slices
+    strips = []  # per strip: tile index per other axis, query slices in the grid and in the tile, box slices
     for index in itertools.product(*(range(plan.counts[axis]) for axis in others)):
         queries, boxes = [], []
         for axis, i in zip(others, index, strict=True):
             queries.append(slice(i * plan.tile[axis], min((i + 1) * plan.tile[axis], grid[axis])))
             boxes.append(slice(plan.box_starts[axis][i], plan.box_starts[axis][i] + plan.box[axis]))
-        strips.append((index, tuple(queries), tuple(boxes)))
+        filled = tuple(slice(0, part.stop - part.start) for part in queries)
+        strips.append((index, tuple(queries), filled, tuple(boxes)))
     bytes_per_strip = batch * lead_side * heads * query.element_size()
     bytes_per_strip *= tile_area * dim + box_area * (dim + value_dim)
     chunk = min(len(strips), max(1, max_chunk_bytes // max(bytes_per_strip, 1)))
@@ -388,8 +389,7 @@ def _tiled_one_grid(query, key, value, neighborhood, extra_key, extra_value, ext
     for first in range(0, len(strips), chunk):
         chunk_strips = strips[first : first + chunk]
         count = len(chunk_strips)
-        for slot, (_, queries, boxes) in enumerate(chunk_strips):
-            filled = tuple(slice(0, part.stop - part.start) for part in queries)
+        for slot, (_, queries, filled, boxes) in enumerate(chunk_strips):
             query_buffer[(slot, *everything, *filled)].copy_(query_grid[everything + queries])
             key_buffer[slot].copy_(key_grid[everything + boxes])
             value_buffer[slot].copy_(value_grid[everything + boxes])
@@ -404,7 +404,7 @@ def _tiled_one_grid(query, key, value, neighborhood, extra_key, extra_value, ext
                 extra_mask,
                 count,
             )
-        strip_mask = _strip_mask(plan, others, [index for index, _, _ in chunk_strips])
+        strip_mask = _strip_mask(plan, others, [strip[0] for strip in chunk_strips])
         for row, box_start in enumerate(plan.box_starts[lead]):
             rows = slice(row * lead_tile, min((row + 1) * lead_tile, lead_side))
             height = rows.stop - rows.start
@@ -417,8 +417,7 @@ def _tiled_one_grid(query, key, value, neighborhood, extra_key, extra_value, ext
                 row_text = (text[0][:, :, tokens_in_rows], text[1][:, :, tokens_in_rows])
             result = _attend_with_text(q, keys[:, span], values[:, span], mask, row_text)
             result = result.transpose(1, 2).reshape(count, batch, height, *tile_others, heads, -1)
-            for slot, (_, queries, _) in enumerate(chunk_strips):
-                filled = tuple(slice(0, part.stop - part.start) for part in queries)
+            for slot, (_, queries, filled, _) in enumerate(chunk_strips):
                 out_grid[(slice(None), rows, *queries)].copy_(result[(slot, *everything, *filled)])
     return out
 

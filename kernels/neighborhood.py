@@ -231,12 +231,21 @@ class TilePlan:
         box_starts: per axis, the first key position of each tile's box.
         inside: per axis, ``[tiles, tile, box]`` booleans (a position past the grid's end repeats the last one), or
             ``None`` where every query of every tile sees its whole box on that axis.
+        lead: the axis whose box outgrows its tile most: the CPU path's strips run along it (see ``_tiled_one_grid``).
+        strips: per tile position on the other axes: its index per axis, its query slices in the grid and in the tile,
+            and its box slices.
     """
 
     tile: tuple[int, ...]
     box: tuple[int, ...]
     box_starts: tuple[tuple[int, ...], ...]
     inside: tuple[torch.Tensor | None, ...]
+    lead: int
+    strips: tuple[tuple[tuple[int, ...], tuple[slice, ...], tuple[slice, ...], tuple[slice, ...]], ...]
+
+    @property
+    def others(self) -> list[int]:
+        return [axis for axis in range(len(self.tile)) if axis != self.lead]
 
     @property
     def counts(self) -> tuple[int, ...]:
@@ -267,7 +276,29 @@ def tile_plan(
         boxes.append(box)
         box_starts.append(tuple(int(first_key) for first_key in box_start))
         insides.append(None if bool(inside.all()) else inside.to(device))
-    return TilePlan(tile=tuple(tile), box=tuple(boxes), box_starts=tuple(box_starts), inside=tuple(insides))
+
+    rank = len(grid)
+    lead = max(range(rank), key=lambda axis: (boxes[axis] / tile[axis], -axis))
+    others = [axis for axis in range(rank) if axis != lead]
+    strips = []
+    for index in itertools.product(*(range(len(box_starts[axis])) for axis in others)):
+        queries = tuple(
+            slice(i * tile[axis], min((i + 1) * tile[axis], grid[axis])) for axis, i in zip(others, index, strict=True)
+        )
+        filled = tuple(slice(0, part.stop - part.start) for part in queries)
+        keys = tuple(
+            slice(box_starts[axis][i], box_starts[axis][i] + boxes[axis])
+            for axis, i in zip(others, index, strict=True)
+        )
+        strips.append((index, queries, filled, keys))
+    return TilePlan(
+        tile=tuple(tile),
+        box=tuple(boxes),
+        box_starts=tuple(box_starts),
+        inside=tuple(insides),
+        lead=lead,
+        strips=tuple(strips),
+    )
 
 
 def dilation_groups(neighborhood: Neighborhood):
@@ -344,8 +375,7 @@ def _tiled_one_grid(query, key, value, neighborhood, extra_key, extra_value, ext
     grid, rank = neighborhood.grid, len(neighborhood.grid)
     tile = tuple(min(t, side) for t, side in zip(tile or default_tile(neighborhood), grid, strict=True))
     plan = tile_plan(grid, neighborhood.kernel_size, neighborhood.stride, neighborhood.is_causal, tile, query.device)
-    lead = max(range(rank), key=lambda axis: (plan.box[axis] / plan.tile[axis], -axis))
-    others = [axis for axis in range(rank) if axis != lead]
+    lead, others, strips = plan.lead, plan.others, plan.strips
     lead_side, lead_tile, lead_box = grid[lead], plan.tile[lead], plan.box[lead]
     tile_others = [plan.tile[axis] for axis in others]
     box_others = [plan.box[axis] for axis in others]
@@ -361,14 +391,6 @@ def _tiled_one_grid(query, key, value, neighborhood, extra_key, extra_value, ext
     out = query.new_empty(batch, tokens, heads, value_dim)
     out_grid = lead_first(out)
 
-    strips = []  # per strip: tile index per other axis, query slices in the grid and in the tile, box slices
-    for index in itertools.product(*(range(plan.counts[axis]) for axis in others)):
-        queries, boxes = [], []
-        for axis, i in zip(others, index, strict=True):
-            queries.append(slice(i * plan.tile[axis], min((i + 1) * plan.tile[axis], grid[axis])))
-            boxes.append(slice(plan.box_starts[axis][i], plan.box_starts[axis][i] + plan.box[axis]))
-        filled = tuple(slice(0, part.stop - part.start) for part in queries)
-        strips.append((index, tuple(queries), filled, tuple(boxes)))
     bytes_per_strip = batch * lead_side * heads * query.element_size()
     bytes_per_strip *= tile_area * dim + box_area * (dim + value_dim)
     chunk = min(len(strips), max(1, max_chunk_bytes // max(bytes_per_strip, 1)))

@@ -165,8 +165,9 @@ class GNAConfig(MethodConfig):
             (80 of 256); HunyuanVideo 0.6 x frames, 0.5 x rows, 0.3 x cols (18x24x24 of 30x48x80). A kernel as large
             as the grid is dense attention.
         stride (`int` or `tuple`, *optional*):
-            Stride per axis. ``None``: a fifth of the kernel for FLUX (16 for 80), and 8/9, 1/3, 1/3 of it for
-            HunyuanVideo (16x8x8 for 18x24x24), at least 1.
+            Stride per axis. ``None``: the GNA paper's strides at every size, 16x16 for FLUX and 16x8x8 for
+            HunyuanVideo, each capped by the window (they are its kernel's tiles, so the attention stays
+            block-sparse).
         dilation (`int` or `tuple`, defaults to `1`): dilation per axis.
         is_causal (`bool` or `tuple`, defaults to `False`): causal windows per axis (e.g. along frames).
         dense_steps (`int`, defaults to `0`): the first denoising steps run dense (layout forms there).

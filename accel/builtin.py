@@ -45,6 +45,7 @@ def apply_hidiffusion(plan: PatchPlan, config: HiDiffusionConfig) -> None:
                 window_size=config.window_size,
                 shift=config.shift,
                 shift_seed=config.shift_seed,
+                backend=config.backend,
             )
             plan.set_processor(site, processor)
     if config.raunet:

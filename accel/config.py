@@ -88,6 +88,9 @@ class DenseConfig(MethodConfig):
     name: ClassVar[str] = "dense"
 
 
+HIDIFFUSION_BACKENDS = ("auto", "torch", "triton")
+
+
 @dataclass(kw_only=True)
 class HiDiffusionConfig(MethodConfig):
     """HiDiffusion for SD 1.x / 2.x / SDXL UNets: RAU-Net and MSW-MSA, for sizes above the training resolution.
@@ -111,6 +114,10 @@ class HiDiffusionConfig(MethodConfig):
             ``"random"``: each step shifts windows by 0, 1/4, 1/2 or 3/4 of a window, drawn from a hash of
             (``shift_seed``, step, layer), so results are reproducible; ``"none"``: no shift.
         shift_seed (`int`, defaults to `0`): seed of the shift draws.
+        backend (`str`, defaults to `"auto"`): MSW-MSA's kernel. ``"torch"``: batched SDPA over the windows (any
+            device, any size: sides that do not divide are padded and masked); ``"triton"``: the block-sparse kernel
+            shared with GNA (GPU), for windows that divide the token grid (other grids take SDPA, with a warning);
+            ``"auto"``: Triton on CUDA when available, else torch.
         layers (`str`, *optional*): narrows the MSW-MSA layers (see `MethodConfig`).
     """
 
@@ -124,6 +131,7 @@ class HiDiffusionConfig(MethodConfig):
     window_size: int | tuple[int, int] | None = None
     shift: str = field(default="random", metadata={"choices": ("random", "none")})
     shift_seed: int = 0
+    backend: str = field(default="auto", metadata={"choices": HIDIFFUSION_BACKENDS})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -144,6 +152,14 @@ class HiDiffusionConfig(MethodConfig):
             raise InvalidOptionError(f"hidiffusion: shift={self.shift!r} must be 'random' or 'none'")
         if not isinstance(self.shift_seed, int):
             raise InvalidOptionError(f"hidiffusion: shift_seed must be an int, got {self.shift_seed!r}")
+        if self.backend not in HIDIFFUSION_BACKENDS:
+            raise InvalidOptionError(
+                f"hidiffusion: backend={self.backend!r} must be one of {', '.join(HIDIFFUSION_BACKENDS)}"
+            )
+        if self.backend != "auto" and not self.mswmsa:
+            raise InvalidOptionError(
+                "hidiffusion: backend selects MSW-MSA's kernel; it has no effect with mswmsa=False"
+            )
 
 
 GNA_GEOMETRY_OPTIONS = ("kernel_size", "stride", "dilation", "is_causal")

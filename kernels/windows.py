@@ -4,6 +4,10 @@ Tensors are ``[B, S, H, D]`` with ``S = h * w`` tokens in row-major order. The g
 as HiDiffusion does: tokens wrapping around the border share a window, with no mask), cut into ``windows`` equal
 windows, attended window by window in one batched SDPA call, and rolled back. Sides that do not divide are padded
 at the end, and the padded keys are masked out, so any grid size works. No diffusers import.
+
+On the Triton kernel (``backend="triton"``), windows that divide the grid are blocked neighborhood attention
+(kernel = stride = window) on the rolled grid: the kernel visits only the key tiles of each query tile's window and
+addresses the grid in place, so no window partition is copied; only the roll remains.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ def shifted_window_attention(
     grid: tuple[int, int],
     windows: tuple[int, int],
     shift: tuple[int, int] = (0, 0),
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Attention restricted to ``windows[0] x windows[1]`` windows of the ``grid`` after a cyclic ``shift``.
 
@@ -37,6 +42,8 @@ def shifted_window_attention(
         grid: ``(h, w)``.
         windows: windows per axis; ``(1, 1)`` is dense attention.
         shift: cyclic shift per axis in tokens, applied before cutting and undone after.
+        backend: ``"torch"`` (batched SDPA over windows) or ``"triton"`` (the block-sparse kernel; the windows must
+            divide the grid, see ``windows_divide``).
 
     Returns:
         ``[B, h * w, H, D]``.
@@ -48,6 +55,10 @@ def shifted_window_attention(
     if windows[0] > height or windows[1] > width:
         raise ValueError(f"{windows[0]}x{windows[1]} windows do not fit a {height}x{width} token grid")
     (window_h, window_w), (pad_h, pad_w) = window_geometry(grid, windows)
+    if backend == "triton":
+        return _block_sparse_windows(query, key, value, grid, (window_h, window_w), (pad_h, pad_w), shift)
+    if backend != "torch":
+        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
     count = windows[0] * windows[1]
 
     def partition(x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +87,38 @@ def shifted_window_attention(
     if shift != (0, 0):
         out = torch.roll(out, shifts=shift, dims=(1, 2))
     return out.reshape(batch, tokens, heads, -1)
+
+
+def windows_divide(grid: tuple[int, int], windows: tuple[int, int]) -> bool:
+    """Whether ``windows`` cut ``grid`` into equal windows with no padding (what the Triton route needs)."""
+    return window_geometry(grid, windows)[1] == (0, 0)
+
+
+def _block_sparse_windows(query, key, value, grid, window, padding, shift):
+    """Windows as blocked neighborhood attention on the Triton kernel, over the grid rolled by ``-shift``."""
+    from accel.kernels.block_sparse import block_sparse_attention
+    from accel.kernels.neighborhood import Neighborhood
+
+    if padding != (0, 0):
+        # Blocked GNA clamps a short last window back into the grid instead of padding it: other windows.
+        raise ValueError(
+            f"the Triton route needs windows that divide the {grid[0]}x{grid[1]} token grid (window {window}); "
+            "use backend='torch', which pads"
+        )
+    batch, tokens, heads, _ = query.shape
+
+    def rolled(tensor, by):
+        if by == (0, 0):
+            return tensor
+        grid_view = tensor.reshape(batch, *grid, heads, tensor.shape[-1])
+        return torch.roll(grid_view, shifts=by, dims=(1, 2)).reshape(batch, tokens, heads, tensor.shape[-1])
+
+    into_windows = (-shift[0], -shift[1])
+    blocked = Neighborhood.create(grid, window, window)
+    out, _ = block_sparse_attention(
+        rolled(query, into_windows), rolled(key, into_windows), rolled(value, into_windows), blocked
+    )
+    return rolled(out, shift)
 
 
 @functools.lru_cache(maxsize=64)

@@ -47,6 +47,20 @@ class AttentionCall:
     text_first: bool = False
 
 
+def resolve_kernel_backend(method: str, backend: str, device: torch.device) -> str:
+    """The kernel a method runs on ``device``: ``backend`` checked, or ``"auto"`` resolved (Triton on CUDA)."""
+    from accel.kernels.block_sparse import triton_usable
+
+    if backend == "triton" and not triton_usable(device):
+        raise RuntimeError(
+            f"{method}: backend='triton' needs a CUDA device and triton (tensors are on {device}); "
+            "use backend='torch' or 'auto'"
+        )
+    if backend != "auto":
+        return backend
+    return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
+
+
 class DenseAttentionProcessorBase:
     """Shared seam: subclasses override ``attend``; the default computes exact attention through diffusers."""
 

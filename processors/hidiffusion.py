@@ -6,8 +6,8 @@ import hashlib
 
 from diffusers.utils import logging
 
-from accel.kernels.windows import shifted_window_attention
-from accel.processors.dense import AttentionCall, DenseAttnProcessor
+from accel.kernels.windows import shifted_window_attention, windows_divide
+from accel.processors.dense import AttentionCall, DenseAttnProcessor, resolve_kernel_backend
 from accel.processors.state import PatchContext
 
 logger = logging.get_logger(__name__)
@@ -21,6 +21,9 @@ class MSWMSAAttnProcessor(DenseAttnProcessor):
     The shift of each call is one of ``{0, 1/4, 1/2, 3/4}`` of the window per axis, as in HiDiffusion, but drawn from
     a hash of ``(shift_seed, step index, layer index)`` instead of the global RNG: the same seed and prompt give the
     same image, repeated generations agree, and the rest of the program's random stream is untouched.
+
+    ``backend``: ``"torch"`` (batched SDPA over the windows), ``"triton"`` (the block-sparse kernel, where the
+    windows divide the grid; other grids take the SDPA path, with a warning) or ``"auto"`` (Triton on CUDA).
     """
 
     def __init__(
@@ -32,6 +35,7 @@ class MSWMSAAttnProcessor(DenseAttnProcessor):
         window_size: tuple[int, int] | None = None,
         shift: str = "random",
         shift_seed: int = 0,
+        backend: str = "auto",
     ):
         super().__init__(context=context, layer=layer)
         self.layer_index = layer_index
@@ -39,7 +43,9 @@ class MSWMSAAttnProcessor(DenseAttnProcessor):
         self.window_size = window_size
         self.shift = shift
         self.shift_seed = shift_seed
+        self.backend = backend
         self._warned_grids: set[tuple[int, int]] = set()
+        self._warned_padded: set[tuple[int, int]] = set()
 
     def attend(self, query, key, value, attention_mask, call: AttentionCall):
         if call.kind != "self" or attention_mask is not None:
@@ -48,7 +54,16 @@ class MSWMSAAttnProcessor(DenseAttnProcessor):
         windows = self._fitting_windows(grid)
         if windows == (1, 1):
             return super().attend(query, key, value, attention_mask, call)
-        return shifted_window_attention(query, key, value, grid, windows, self._shift(grid, windows))
+        backend = resolve_kernel_backend("hidiffusion", self.backend, query.device)
+        if backend == "triton" and not windows_divide(grid, windows):
+            if grid not in self._warned_padded:
+                self._warned_padded.add(grid)
+                logger.warning(
+                    f"{self.layer}: {windows[0]}x{windows[1]} windows do not divide the {grid[0]}x{grid[1]} token "
+                    "grid, so its padded windows run on SDPA instead of the Triton kernel"
+                )
+            backend = "torch"
+        return shifted_window_attention(query, key, value, grid, windows, self._shift(grid, windows), backend)
 
     def _fitting_windows(self, grid: tuple[int, int]) -> tuple[int, int]:
         if self.window_size is not None:

@@ -13,7 +13,7 @@ import math
 import torch
 from diffusers.utils import logging
 
-from accel.processors.dense import AttentionCall
+from accel.processors.dense import AttentionCall, resolve_kernel_backend
 from accel.processors.parallel import ulysses_attend, ulysses_group
 
 logger = logging.get_logger(__name__)
@@ -68,17 +68,7 @@ class JointVisualAttend:
         return torch.cat([part.to(query.dtype) for part in parts], dim=1)
 
     def _backend_for(self, device: torch.device) -> str:
-        """The kernel to run on ``device``: ``self.backend`` checked, or ``"auto"`` resolved (Triton on CUDA)."""
-        from accel.kernels.block_sparse import triton_usable
-
-        if self.backend == "triton" and not triton_usable(device):
-            raise RuntimeError(
-                f"{self.method}: backend='triton' needs a CUDA device and triton (tensors are on {device}); "
-                "use backend='torch' or 'auto'"
-            )
-        if self.backend != "auto":
-            return self.backend
-        return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
+        return resolve_kernel_backend(self.method, self.backend, device)
 
     def _dense_step(self) -> bool:
         """Whether this call falls in the first ``dense_steps`` steps (known only when a pipeline was patched)."""

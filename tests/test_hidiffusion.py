@@ -27,6 +27,32 @@ def test_window_kernel_matches_masked_reference(grid, windows, shift):
     assert (ours - reference).abs().max() <= 1e-5
 
 
+def _needs_triton():
+    from accel.kernels.block_sparse import triton_usable
+
+    if not triton_usable("cpu"):
+        pytest.skip("needs TRITON_INTERPRET=1 or a GPU")
+
+
+@pytest.mark.parametrize(
+    ("grid", "windows", "shift"),
+    [((8, 8), (2, 2), (0, 0)), ((8, 12), (2, 2), (3, 5)), ((6, 10), (3, 2), (1, 4)), ((16, 16), (1, 2), (0, 7))],
+)
+def test_windows_on_the_triton_kernel_match_the_torch_path(grid, windows, shift):
+    _needs_triton()
+    q, k, v = (torch.randn(2, grid[0] * grid[1], 2, 16) for _ in range(3))
+    fused = shifted_window_attention(q, k, v, grid, windows, shift, backend="triton")
+    reference = shifted_window_attention_reference(q, k, v, grid, windows, shift)
+    assert (fused - reference).abs().max() <= 1e-5
+
+
+def test_windows_on_the_triton_kernel_refuse_padded_grids():
+    _needs_triton()
+    q = torch.randn(1, 7 * 5, 1, 16)
+    with pytest.raises(ValueError, match="backend='torch'"):
+        shifted_window_attention(q, q, q, (7, 5), (2, 2), backend="triton")
+
+
 def test_window_kernel_refuses_windows_that_do_not_fit():
     q = torch.randn(1, 6, 1, 8)
     with pytest.raises(ValueError, match="do not fit"):
@@ -164,6 +190,29 @@ def test_sdxl_shaped_unet_pools_in_level_one(tiny_pipelines):
     assert sizes == [(8, 8)] * 2 + [(16, 16)] * 3
 
 
+def test_triton_backend_in_the_pipeline_equals_torch(sd, caplog):
+    _needs_triton()
+    with accel.patched(sd, "hidiffusion", raunet=False, backend="torch"):
+        tiled = generate(sd, (256, 256), steps=2)
+    with accel.patched(sd, "hidiffusion", raunet=False, backend="triton") as handle:
+        fused = generate(sd, (256, 256), steps=2)
+        assert {p.backend for p in _window_processors(sd)} == {"triton"} and handle.layers
+    assert np.abs(fused - tiled).max() <= 1e-4
+    # 264 px: a 33x33 top grid, which 2x2 windows only cut with padding: SDPA serves it, and says so.
+    with accel.patched(sd, "hidiffusion", raunet=False, backend="torch"):
+        padded_tiled = generate(sd, (264, 264), steps=1)
+    with accel.patched(sd, "hidiffusion", raunet=False, backend="triton"), caplog.at_level("WARNING"):
+        padded_fused = generate(sd, (264, 264), steps=1)
+    assert np.array_equal(padded_fused, padded_tiled)
+    assert "run on SDPA instead of the Triton kernel" in caplog.text
+
+
+def _window_processors(pipe):
+    from accel.processors.hidiffusion import MSWMSAAttnProcessor
+
+    return [p for p in pipe.unet.attn_processors.values() if isinstance(p, MSWMSAAttnProcessor)]
+
+
 @pytest.mark.parametrize("size", [(1000, 1200), (1032, 776)])
 def test_odd_sizes_run(sd, size):
     with accel.patched(sd, "hidiffusion"):
@@ -190,6 +239,8 @@ def test_shifts_are_reproducible_and_leave_the_global_rng_alone(sd):
         ({"raunet": False, "mswmsa": False}, "would do nothing"),
         ({"shift": "sometimes"}, "'random' or 'none'"),
         ({"mswmsa": False, "layers": ".*"}, "no effect"),
+        ({"backend": "cuda"}, "auto, torch, triton"),
+        ({"mswmsa": False, "backend": "torch"}, "no effect"),
     ],
 )
 def test_bad_configs_are_refused(sd, options, words):

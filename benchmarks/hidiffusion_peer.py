@@ -13,9 +13,11 @@ the drift between the two measures the difference of the algorithms, not of the 
 
 Equal work: the package picks its RAU-Net switches from absolute latent sizes (tuned for SD 1.5's 512 px and SDXL's
 1024 px), accel from ``unet.config.sample_size``, which is 128 px for the tiny UNets, so at 1024 px accel would run
-its 8x-resolution schedule and the package its 2x one. The script therefore gives accel the package's switches
-(``--accel-option``, default ``raunet_switch=0.4 raunet_deep_switch=0``), and 5 steps, where the package's
-``int(0.4 * steps)`` and accel's ``step / steps < 0.4`` select the same steps.
+its 8x-resolution schedule and the package its 2x one. Unless ``--accel-option`` is given, the script therefore
+gives accel, for each model and size, the steps the package's own table selects: the package runs RAU-Net stage k
+while the step index is below ``int(steps * ratio_k)``, and accel while ``step / steps`` is below its switch, so
+``int(steps * ratio_k) / steps`` selects the same steps. SDXL's "aggressive" mode starts at ``int(8 / 50 * steps)``,
+which is step 0 only up to 6 steps; more steps are refused for SDXL rather than compared on unequal work.
 """
 
 from __future__ import annotations
@@ -71,6 +73,27 @@ def replay_shifts(draws: list[float], layers: int, steps: int):
     return shift
 
 
+def package_switches(unet, size: int, steps: int) -> dict[str, float]:
+    """accel's switches that select the steps ``hidiffusion`` 0.1.10 selects for this UNet at ``size`` px.
+
+    The package's table (its ``switching_threshold_ratio_dict``): SD 1.x / 2.x 0.4 / 0 below a 256 latent, else
+    0.7 / 0.3; SDXL 0.4 / 0 below a 512 latent, else 0.7 / 0.3.
+    """
+    latent = size // 8
+    if _is_sdxl(unet):
+        if latent < 512 and int(8 / 50 * steps) != 0:
+            raise SystemExit(f"sdxl at {steps} steps: the package's aggressive RAU-Net starts after step 0; use <= 6")
+        ratios = (0.4, 0.0) if latent < 512 else (0.7, 0.3)
+    else:
+        ratios = (0.4, 0.0) if latent < 256 else (0.7, 0.3)
+    stage1, stage2 = (int(steps * ratio) / steps for ratio in ratios)
+    return {"raunet_switch": stage1, "raunet_deep_switch": stage2}
+
+
+def _is_sdxl(unet) -> bool:
+    return unet.config.addition_embed_type == "text_time"
+
+
 def _median(fn, repeats: int):
     # One untimed warm-up call when repeating; a single run is timed cold (one-time costs are small on CPU).
     result = fn() if repeats > 1 else None
@@ -80,6 +103,45 @@ def _median(fn, repeats: int):
         result = fn()
         times.append(time.perf_counter() - tick)
     return statistics.median(times), result
+
+
+def _interleaved_medians(calls, repeats: int):
+    """``(median seconds, last result)`` per call, the calls taken in turn (after one untimed round when repeating)."""
+    if repeats > 1:
+        for call in calls:
+            call()
+    times = [[] for _ in calls]
+    results = [None] * len(calls)
+    for _ in range(repeats):
+        for index, call in enumerate(calls):
+            tick = time.perf_counter()
+            results[index] = call()
+            times[index].append(time.perf_counter() - tick)
+    return [(statistics.median(t), result) for t, result in zip(times, results, strict=True)]
+
+
+def _self_seconds_by_op(fn) -> dict[str, float]:
+    """Self CPU seconds per aten op over one call of ``fn``, under torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.key: event.self_cpu_time_total / 1e6 for event in prof.key_averages()}
+
+
+def profile_rows(pipe, generate, hidiffusion, options: dict, top: int = 8) -> list[dict]:
+    """Where each peer's time goes: one profiled call each, the ops with the most self time in either."""
+    hidiffusion.apply_hidiffusion(pipe)
+    try:
+        theirs = _self_seconds_by_op(generate)
+    finally:
+        hidiffusion.remove_hidiffusion(pipe)
+    with accel.patched(pipe, "hidiffusion", **options):
+        ours = _self_seconds_by_op(generate)
+    ranked = sorted(set(theirs) | set(ours), key=lambda op: -max(theirs.get(op, 0.0), ours.get(op, 0.0)))
+    rows = [{"op": op, "package_s": theirs.get(op, 0.0), "accel_s": ours.get(op, 0.0)} for op in ranked[:top]]
+    rows.append({"op": "total", "package_s": sum(theirs.values()), "accel_s": sum(ours.values())})
+    return rows
 
 
 def run(args) -> dict:
@@ -105,28 +167,44 @@ def run(args) -> dict:
                     output_type="np",
                 ).images[0]
 
+            options = accel_options or package_switches(pipe.unet, size, args.steps)
+            if args.profile:
+                profile = profile_rows(pipe, generate, hidiffusion, options)
+                rows.append({"model": model, "size": size, "steps": args.steps, "profile": profile})
+                print(f"{model} {size}px, self seconds of one call: {'op':42s} {'package':>8s} {'accel':>8s}")
+                for entry in profile:
+                    print(f"  {entry['op'][:60]:60s} {entry['package_s']:8.2f} {entry['accel_s']:8.2f}", flush=True)
+                continue
             unpatched_s, unpatched = _median(generate, args.repeats)
-            hidiffusion.apply_hidiffusion(pipe)
-            try:
-                with ShiftRecorder() as recorder:
-                    theirs_s, theirs = _median(generate, args.repeats)
-            finally:
-                hidiffusion.remove_hidiffusion(pipe)
-            with accel.patched(pipe, "hidiffusion", **accel_options) as handle:
-                ours_s, ours = _median(generate, args.repeats)
+
+            def theirs_call(pipe=pipe, generate=generate):
+                hidiffusion.apply_hidiffusion(pipe)
+                try:
+                    return generate()
+                finally:
+                    hidiffusion.remove_hidiffusion(pipe)
+
+            def ours_call(pipe=pipe, generate=generate, options=options):
+                with accel.patched(pipe, "hidiffusion", **options):
+                    return generate()
+
+            # The two peers alternate call by call, so drift of the host's speed falls on both alike.
+            with ShiftRecorder() as recorder:
+                (theirs_s, theirs), (ours_s, ours) = _interleaved_medians((theirs_call, ours_call), args.repeats)
+            with accel.patched(pipe, "hidiffusion", **options):
                 layers = sum(isinstance(p, MSWMSAAttnProcessor) for p in pipe.unet.attn_processors.values())
             original_shift = MSWMSAAttnProcessor._shift
             MSWMSAAttnProcessor._shift = replay_shifts(recorder.draws, layers, args.steps)
             try:
-                with accel.patched(pipe, "hidiffusion", **accel_options):
-                    ours_replayed = generate()
+                ours_replayed = ours_call()
             finally:
                 MSWMSAAttnProcessor._shift = original_shift
-            del handle
             row = {
                 "model": model,
+                "dtype": str(pipe.unet.dtype).removeprefix("torch."),
                 "size": size,
                 "steps": args.steps,
+                "accel_options": options,
                 "unpatched_s": unpatched_s,
                 "hidiffusion_package_s": theirs_s,
                 "accel_s": ours_s,
@@ -148,10 +226,12 @@ def run(args) -> dict:
             )
     return {
         "device": device_name("auto"),
-        "dtype": "fp32",
+        "dtype": "per row",
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "repeats": args.repeats,
-        "accel_options": accel_options,
+        "timed": "one pipeline call each (text encoding, denoising, VAE decode); package and accel alternate",
+        "accel_options": accel_options or "the package's switches per model and size (package_switches)",
         "rows": rows,
     }
 
@@ -172,7 +252,33 @@ def _plot(result: dict, path: Path) -> None:
     ax.set_ylabel("x faster than unpatched")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    ax.set_title(f"HiDiffusion on {result['device']}, fp32, {rows[0]['steps']} steps; baseline: unpatched", fontsize=9)
+    dtypes = "/".join(sorted({r["dtype"] for r in rows}))
+    ax.set_title(
+        f"HiDiffusion on {result['device']}, {dtypes}, {rows[0]['steps']} steps, equal switches; baseline: unpatched",
+        fontsize=9,
+    )
+    save_figure(fig, path)
+
+
+def _plot_profile(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, axes = plt.subplots(1, len(rows), figsize=(7 * len(rows), 4), squeeze=False)
+    for ax, row in zip(axes[0], rows, strict=True):
+        ops = [entry for entry in row["profile"] if entry["op"] != "total"]
+        y = np.arange(len(ops))
+        ax.barh(y - 0.2, [e["package_s"] for e in ops], 0.4, label="hidiffusion 0.1.10")
+        ax.barh(y + 0.2, [e["accel_s"] for e in ops], 0.4, label="accel hidiffusion")
+        ax.set_yticks(y, [e["op"].removeprefix("aten::")[:32] for e in ops], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("self seconds in one call")
+        ax.set_title(f"{row['model']}, {row['size']} px, {row['steps']} steps, equal switches", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Where the time goes, {result['device']}; baseline: the package's own ops", fontsize=9)
     save_figure(fig, path)
 
 
@@ -182,15 +288,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", type=int, default=[1024])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument(
-        "--accel-option", nargs="*", default=["raunet_switch=0.4", "raunet_deep_switch=0"], metavar="KEY=VALUE"
+        "--accel-option",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="accel options for every row (default: the package's switches for each model and size)",
     )
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--profile", action="store_true", help="instead of timing: profile one call of each peer, ops by self time"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default="benchmarks/results/hidiffusion-peer")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = run(args)
-    save_results(result, args.out, _plot, "speedup.png")
+    save_results(
+        result, args.out, _plot_profile if args.profile else _plot, "profile.png" if args.profile else "speedup.png"
+    )
     return 0
 
 

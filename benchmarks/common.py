@@ -29,18 +29,22 @@ def median_seconds(fn: Callable[[], object], repeats: int, sync: Callable[[], No
 
 
 def interleaved_median_seconds(
-    fns: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None] | None = None
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    sync: Callable[[], None] | None = None,
+    warm_up: bool = True,
 ) -> dict[str, float]:
-    """Median wall time of each callable, timed in turns (one call of each per round, after one warm-up round), so
-    that a slow spell of a shared machine falls on every side of a ratio alike."""
+    """Median wall time of each callable, timed in turns (one call of each per round, after one warm-up round unless
+    ``warm_up`` is False), so that a slow spell of a shared machine falls on every side of a ratio alike."""
     sync = sync or (lambda: None)
     times = {name: [] for name in fns}
-    for round_index in range(repeats + 1):
+    first_timed = 1 if warm_up else 0
+    for round_index in range(repeats + first_timed):
         for name, fn in fns.items():
             tick = time.perf_counter()
             fn()
             sync()
-            if round_index:
+            if round_index >= first_timed:
                 times[name].append(time.perf_counter() - tick)
     return {name: statistics.median(values) for name, values in times.items()}
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import device_name, save_figure, save_results
+from common import device_name, interleaved_median_seconds, save_figure, save_results
 from peers import import_hidiffusion
 
 import accel
@@ -105,21 +105,6 @@ def _median(fn, repeats: int):
     return statistics.median(times), result
 
 
-def _interleaved_medians(calls, repeats: int):
-    """``(median seconds, last result)`` per call, the calls taken in turn (after one untimed round when repeating)."""
-    if repeats > 1:
-        for call in calls:
-            call()
-    times = [[] for _ in calls]
-    results = [None] * len(calls)
-    for _ in range(repeats):
-        for index, call in enumerate(calls):
-            tick = time.perf_counter()
-            results[index] = call()
-            times[index].append(time.perf_counter() - tick)
-    return [(statistics.median(t), result) for t, result in zip(times, results, strict=True)]
-
-
 def _self_seconds_by_op(fn) -> dict[str, float]:
     """Self CPU seconds per aten op over one call of ``fn``, under torch's profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -129,15 +114,9 @@ def _self_seconds_by_op(fn) -> dict[str, float]:
     return {event.key: event.self_cpu_time_total / 1e6 for event in prof.key_averages()}
 
 
-def profile_rows(pipe, generate, hidiffusion, options: dict, top: int = 8) -> list[dict]:
+def profile_rows(theirs_call, ours_call, top: int = 8) -> list[dict]:
     """Where each peer's time goes: one profiled call each, the ops with the most self time in either."""
-    hidiffusion.apply_hidiffusion(pipe)
-    try:
-        theirs = _self_seconds_by_op(generate)
-    finally:
-        hidiffusion.remove_hidiffusion(pipe)
-    with accel.patched(pipe, "hidiffusion", **options):
-        ours = _self_seconds_by_op(generate)
+    theirs, ours = _self_seconds_by_op(theirs_call), _self_seconds_by_op(ours_call)
     ranked = sorted(set(theirs) | set(ours), key=lambda op: -max(theirs.get(op, 0.0), ours.get(op, 0.0)))
     rows = [{"op": op, "package_s": theirs.get(op, 0.0), "accel_s": ours.get(op, 0.0)} for op in ranked[:top]]
     rows.append({"op": "total", "package_s": sum(theirs.values()), "accel_s": sum(ours.values())})
@@ -168,35 +147,41 @@ def run(args) -> dict:
                 ).images[0]
 
             options = accel_options or package_switches(pipe.unet, size, args.steps)
+            results = {}
+
+            def theirs_call(pipe=pipe, generate=generate, results=results):
+                hidiffusion.apply_hidiffusion(pipe)
+                try:
+                    results["package"] = generate()
+                finally:
+                    hidiffusion.remove_hidiffusion(pipe)
+
+            def ours_call(pipe=pipe, generate=generate, options=options, results=results):
+                with accel.patched(pipe, "hidiffusion", **options):
+                    results["accel"] = generate()
+
             if args.profile:
-                profile = profile_rows(pipe, generate, hidiffusion, options)
+                profile = profile_rows(theirs_call, ours_call)
                 rows.append({"model": model, "size": size, "steps": args.steps, "profile": profile})
                 print(f"{model} {size}px, self seconds of one call: {'op':42s} {'package':>8s} {'accel':>8s}")
                 for entry in profile:
                     print(f"  {entry['op'][:60]:60s} {entry['package_s']:8.2f} {entry['accel_s']:8.2f}", flush=True)
                 continue
             unpatched_s, unpatched = _median(generate, args.repeats)
-
-            def theirs_call(pipe=pipe, generate=generate):
-                hidiffusion.apply_hidiffusion(pipe)
-                try:
-                    return generate()
-                finally:
-                    hidiffusion.remove_hidiffusion(pipe)
-
-            def ours_call(pipe=pipe, generate=generate, options=options):
-                with accel.patched(pipe, "hidiffusion", **options):
-                    return generate()
-
-            # The two peers alternate call by call, so drift of the host's speed falls on both alike.
+            # A single repeat is timed cold: these calls take minutes, and one-time costs are small on CPU.
             with ShiftRecorder() as recorder:
-                (theirs_s, theirs), (ours_s, ours) = _interleaved_medians((theirs_call, ours_call), args.repeats)
+                seconds = interleaved_median_seconds(
+                    {"package": theirs_call, "accel": ours_call}, args.repeats, warm_up=args.repeats > 1
+                )
+            theirs_s, ours_s = seconds["package"], seconds["accel"]
+            theirs, ours = results["package"], results["accel"]
             with accel.patched(pipe, "hidiffusion", **options):
                 layers = sum(isinstance(p, MSWMSAAttnProcessor) for p in pipe.unet.attn_processors.values())
             original_shift = MSWMSAAttnProcessor._shift
             MSWMSAAttnProcessor._shift = replay_shifts(recorder.draws, layers, args.steps)
             try:
-                ours_replayed = ours_call()
+                ours_call()
+                ours_replayed = results["accel"]
             finally:
                 MSWMSAAttnProcessor._shift = original_shift
             row = {

@@ -186,7 +186,12 @@ def apply_astar(plan: PatchPlan, config: AStarConfig) -> None:
     if family == "flux":
         _check_flux_pipeline(pipe, "astar")
         _refuse_other_control(plan, "astar")
-    store = CrossAttentionStore()
+    if family == "flux" and config.map_side is not None:
+        raise InvalidOptionError(
+            f"astar: map_side={config.map_side} picks a UNet level; FLUX's maps are its one image token grid, so leave "
+            "map_side out (layers=... chooses the recorded blocks)"
+        )
+    store = CrossAttentionStore() if config.map_side is None else CrossAttentionStore(map_side=config.map_side)
     state = controls.GuidanceState(
         store=store,
         loss=config.loss,

@@ -71,6 +71,11 @@ def attend_excite_loss(concepts: torch.Tensor) -> torch.Tensor:
     return (1 - peaks).clamp_min(0).amax(dim=-1)
 
 
+def segregation_maps(concepts: torch.Tensor) -> torch.Tensor:
+    """A-STAR's maps for its overlaps: each concept map smoothed with A&E's kernel, then min-max scaled."""
+    return normalise(gaussian_smooth(concepts))
+
+
 def normalise(concepts: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Each map min-max scaled to [0, 1], so that soft overlaps compare shapes, not magnitudes."""
     flat = concepts.flatten(2)
@@ -93,9 +98,9 @@ def segregation_loss(concepts: torch.Tensor) -> torch.Tensor:
     return sum(soft_overlap(concepts[:, m], concepts[:, n]) for m, n in pairs)
 
 
-def binarise(concepts: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """A-STAR's retained regions: where each normalised map is at least ``threshold`` (no gradient)."""
-    return (normalise(concepts.detach()) >= threshold).to(concepts.dtype)
+def binarise(maps: torch.Tensor, threshold: float = 0.7) -> torch.Tensor:
+    """A-STAR's retained regions: where each of `segregation_maps` is at least ``threshold`` (no gradient)."""
+    return (maps.detach() >= threshold).to(maps.dtype)
 
 
 def retention_loss(concepts: torch.Tensor, previous_regions: torch.Tensor) -> torch.Tensor:

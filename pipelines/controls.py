@@ -350,13 +350,13 @@ class LatentGuidanceHook(ModelHook):
         state = self.state
         if state.loss == "attend_excite":
             return controls.attend_excite_loss(concepts)
-        normalised = controls.normalise(concepts)
-        loss = controls.segregation_loss(normalised)
+        maps = controls.segregation_maps(concepts)
+        loss = controls.segregation_loss(maps)
         previous = state.previous_regions.get(row)
-        if previous is not None and previous.shape == normalised.shape:
-            loss = loss + controls.retention_loss(normalised, previous)
+        if previous is not None and previous.shape == maps.shape:
+            loss = loss + controls.retention_loss(maps, previous)
         # This step's regions are what the next step retains.
-        state.previous_regions[row] = controls.binarise(concepts, state.threshold)
+        state.previous_regions[row] = controls.binarise(maps, state.threshold)
         return loss
 
     def _input_scale(self, timestep, sample) -> float:

@@ -31,12 +31,14 @@ class CrossAttentionStore:
     Attributes:
         grid: keep only layers at this token grid ``(h, w)``; ``None`` keeps every cross-attention layer (the level
             is chosen when aggregating, so it follows resolution changes such as HiDiffusion's RAU-Net).
+        map_side: the level `aggregate` reads by default: the recorded grid whose larger side is nearest this.
         maps: layer name -> ``(grid, [B, h * w, T])``.
         text_spans: while recording, per batch row the ``(first, end)`` span of the prompt's own tokens, over which
             joint-attention maps are renormalised (``None``: over every text token).
     """
 
     grid: tuple[int, int] | None = None
+    map_side: int = PREFERRED_MAP_SIDE
     recording: bool = False
     maps: dict[str, tuple[tuple[int, ...], torch.Tensor]] = field(default_factory=dict)
     text_spans: list[tuple[int, int]] | None = None
@@ -64,12 +66,12 @@ class CrossAttentionStore:
 
     def aggregate(self, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """``[B, h, w, T]``: the mean over the recorded layers at ``grid`` (default: the recorded grid whose larger
-        side is nearest `PREFERRED_MAP_SIDE`, the larger on a tie)."""
+        side is nearest ``map_side``, the larger on a tie)."""
         grids = {g for g, _ in self.maps.values()}
         if not grids:
             raise RuntimeError("no cross-attention map was recorded in this pass")
         if grid is None:
-            grid = min(grids, key=lambda g: (abs(max(g) - PREFERRED_MAP_SIDE), -max(g)))
+            grid = min(grids, key=lambda g: (abs(max(g) - self.map_side), -max(g)))
         chosen = [m for g, m in self.maps.values() if tuple(g) == tuple(grid)]
         if not chosen:
             raise RuntimeError(

@@ -98,7 +98,7 @@ def losses_over_latent_updates(record_maps, concept_maps, latent, loss_name: str
         latent = latent.detach().requires_grad_()
         concepts = concept_maps(record_maps(latent))
         if loss_name == "segregation":
-            loss = controls.segregation_loss(controls.normalise(concepts)).sum()
+            loss = controls.segregation_loss(controls.segregation_maps(concepts)).sum()
         else:
             loss = controls.attend_excite_loss(concepts).sum()
         (gradient,) = torch.autograd.grad(loss, latent)

@@ -27,6 +27,14 @@ def test_soft_overlap_and_the_a_star_losses():
     assert torch.equal(regions, square)
     assert controls.retention_loss(square, regions).item() == pytest.approx(2 * 0.5)
     assert controls.retention_loss(square, regions.flip(1)).item() == pytest.approx(2.0)
+    # A-STAR's maps are smoothed before they are compared: adjacent single cells overlap a little, scaled to [0, 1].
+    cells = torch.zeros(1, 2, 5, 5)
+    cells[0, 0, 1, 1] = cells[0, 1, 1, 2] = 1.0
+    maps = controls.segregation_maps(cells)
+    assert controls.segregation_loss(controls.normalise(cells)).item() == 0.0
+    assert 0.0 < controls.segregation_loss(maps).item() < 0.5
+    assert maps.amin().item() == 0.0 and maps.flatten(2).amax(-1).allclose(torch.ones(1, 2))
+    assert torch.equal(controls.binarise(maps, 0.99), cells)
 
 
 def test_attend_and_excite_loss_is_the_most_neglected_concept():
@@ -81,6 +89,11 @@ def test_recorded_maps_and_exact_outputs(recording_unet):
     maps = store.aggregate()
     assert maps.shape == (1, 16, 16, pipe.tokenizer.model_max_length)
     torch.testing.assert_close(maps.sum(dim=-1), torch.ones(1, 16, 16))
+    # map_side picks another level: the 8 x 8 one is down_blocks.1 and up_blocks.2.
+    store.map_side = 8
+    eight = [m for name, (grid, m) in store.maps.items() if grid == (8, 8)]
+    assert len(eight) == 3 and torch.equal(store.aggregate(), torch.stack(eight).mean(0).view(1, 8, 8, -1))
+    store.map_side = 16
 
 
 @pytest.mark.parametrize("loss_name", ["segregation", "attend_excite"])
@@ -139,11 +152,13 @@ def test_phrase_subjects_take_each_noun_phrases_content_words(shapes_pipe):
     assert phrase_positions(tokenizer, PROMPT) == [(2, 3), (6, 7)]
     assert phrase_positions(tokenizer, "two red circles") == [(2, 3)]
     assert phrase_positions(tokenizer, "a green star left of a red circle") == [(2, 3), (7, 8)]
-    with accel.patched(shapes_pipe, "astar", subjects="phrases", guided_steps=0.5):
+    with accel.patched(shapes_pipe, "astar", subjects="phrases", guided_steps=0.5, map_side=8):
         generate_shapes(shapes_pipe, PROMPT)
         state = _guidance_state(shapes_pipe)
         assert state.positions == [[(2, 3), (6, 7)]]
         assert len(state.losses) == 2
+        # The settings measured on the shipped model: the retained regions are of the 8 x 8 level.
+        assert state.previous_regions[0].shape == (1, 2, 8, 8)
 
 
 def test_a_swapped_scheduler_is_guided_too_and_restored(shapes_pipe):
@@ -173,6 +188,8 @@ def test_subject_errors_name_the_prompt_words(shapes_pipe):
         ({"loss": "dice"}, "one of astar, attend_excite"),
         ({"step_size": -1}, "non-negative"),
         ({"threshold": 1.0}, "in (0, 1)"),
+        ({"map_side": 0}, "positive int"),
+        ({"map_side": 8.0}, "positive int"),
         ({"subjects": "verbs"}, "one of nouns, phrases"),
         ({"subjects": "phrases", "tokens": ["circle"]}, "names the subjects itself"),
     ):

@@ -212,6 +212,8 @@ def test_errors_name_the_prompt_words_and_the_fix(flux):
             accel.patch(flux.transformer, method)
     with pytest.raises(InvalidOptionError, match="layers=... does not apply"):
         accel.patch(flux, "structured", layers=".*")
+    with pytest.raises(InvalidOptionError, match="leave map_side out"):
+        accel.patch(flux, "astar", map_side=8)
     with pytest.raises(accel.PatchConflictError, match="cannot be combined"):
         accel.patch(flux, [accel.AStarConfig(), accel.StructuredConfig()])
     with pytest.raises(InvalidOptionError, match="noun phrase 'a green star' is not in the prompt"):

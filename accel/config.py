@@ -595,6 +595,9 @@ class EditConfig:
             head noun of each phrase the edit changes ("a red circle" -> "a green circle": ``["circle"]``).
         blend_threshold (`float`, defaults to `0.3`): the region is where the dilated, max-scaled map reaches this.
         blend_start (`float`, defaults to `0.2`): fraction of the schedule before blending starts.
+        map_side (`int`, defaults to `16`): the cross-attention level DPL's losses and the local blend read: the
+            recorded grid whose larger side is nearest this (16: the references' 16 x 16 of SD's 64 x 64 latent; on
+            the shipped ``shapes-sd`` the maps mark objects at 8, see the README).
         reweight (`dict[str, float]`, *optional*): Prompt-to-Prompt's re-weighting: edit-prompt words and the factor
             their attention is multiplied by while maps are injected (e.g. ``{"green": 2.0}``).
         dynamic_words (`list[str]`, *optional*): DPL's nouns (words of the source prompt). ``None``: the head noun
@@ -623,6 +626,7 @@ class EditConfig:
     blend_words: list[str] | None = None
     blend_threshold: float = 0.3
     blend_start: float = 0.2
+    map_side: int = 16
     reweight: dict[str, float] | None = None
     dynamic_words: list[str] | None = None
     dpl_steps: int = 21
@@ -639,7 +643,7 @@ class EditConfig:
 
         if self.method not in EDIT_METHODS:
             fail("method", f"must be one of {', '.join(EDIT_METHODS)}")
-        for option in ("num_inference_steps", "dpl_clusters"):
+        for option in ("num_inference_steps", "dpl_clusters", "map_side"):
             value = getattr(self, option)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(option, "must be a positive integer")

@@ -284,7 +284,7 @@ def run_edit(pipe, image, source: str, target: str, config) -> EditResult:
     unet = pipe.unet
     latent = image_latents(pipe, image).to(unet.device)
     layout = LatentLayout(grid=tuple(latent.shape[-2:]))
-    controller = EditController(layout=layout)
+    controller = EditController(layout=layout, map_side=config.map_side)
     # Self-attention is clustered at half the latent's resolution (DPL: 32 x 32 of SD's 64 x 64).
     controller.self_grid = tuple(math.ceil(side / 2) for side in layout.grid)  # the UNet's second level
     controller.self_replace_side = max(1, int(max(layout.grid) * config.self_replace_side))

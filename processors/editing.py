@@ -32,6 +32,7 @@ class EditController:
     """State shared by one edit's attention layers (see the module docstring)."""
 
     layout: LatentLayout
+    map_side: int = PREFERRED_MAP_SIDE  # cross maps are read at the recorded grid whose larger side is nearest this
     mode: str = "off"
     progress: float = 0.0
     # "record"
@@ -67,13 +68,13 @@ class EditController:
 
     def cross_maps(self, grid: tuple[int, ...] | None = None) -> torch.Tensor:
         """``[B, h, w, T]``: the last recording's cross maps averaged over the layers at ``grid`` (default: the
-        recorded grid whose larger side is nearest 16, as the controls use)."""
-        return _mean_at(nearest_grid(self.maps.values(), grid), self.maps.values())
+        recorded grid whose larger side is nearest ``map_side``, as the controls choose)."""
+        return _mean_at(nearest_grid(self.maps.values(), grid, self.map_side), self.maps.values())
 
     def blend_maps(self) -> torch.Tensor:
         """``[2, h, w, T]``: source and edit rows' cross maps summed over the edit steps so far, at the grid nearest
-        16 (Prompt-to-Prompt blends at 16 x 16 of SD's 64 x 64 latent)."""
-        grid = nearest_grid(((g, None) for g in self.blend_sums), None)
+        ``map_side`` (Prompt-to-Prompt blends at 16 x 16 of SD's 64 x 64 latent)."""
+        grid = nearest_grid(((g, None) for g in self.blend_sums), None, self.map_side)
         summed = self.blend_sums[grid]
         return summed.view(summed.shape[0], *grid, summed.shape[-1])
 
@@ -84,7 +85,7 @@ class EditController:
         return self.self_sum / self.self_count
 
 
-def nearest_grid(entries, grid):
+def nearest_grid(entries, grid, side: int = PREFERRED_MAP_SIDE):
     grids = {tuple(g) for g, _ in entries}
     if not grids:
         raise RuntimeError("no cross-attention map was recorded")
@@ -92,7 +93,7 @@ def nearest_grid(entries, grid):
         if tuple(grid) not in grids:
             raise RuntimeError(f"no cross-attention map at {grid} was recorded; recorded: {sorted(grids)}")
         return tuple(grid)
-    return min(grids, key=lambda g: (abs(max(g) - PREFERRED_MAP_SIDE), -max(g)))
+    return min(grids, key=lambda g: (abs(max(g) - side), -max(g)))
 
 
 def _mean_at(grid, entries) -> torch.Tensor:

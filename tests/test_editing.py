@@ -188,6 +188,8 @@ def test_bad_input_is_refused_with_the_fix(shapes_pipe, case, tiny_pipelines):
         accel.EditConfig(cross_replace=1.5)
     with pytest.raises(accel.InvalidOptionError, match="method"):
         accel.EditConfig(method="pix2pix")
+    with pytest.raises(accel.InvalidOptionError, match="map_side=0 must be a positive integer"):
+        accel.EditConfig(map_side=0)
     with pytest.raises(accel.UnsupportedModelError, match="SDXL"):
         accel.edit(tiny_pipelines["sdxl-tiny"], image, scene.caption, scene.caption)
     with accel.patched(shapes_pipe, "dense"), pytest.raises(accel.InvalidOptionError, match="unpatch"):
@@ -231,3 +233,18 @@ def test_cli_edit_writes_the_images(tmp_path, case):
     assert code == 0
     assert Image.open(tmp_path / "out" / "edited.png").size == (64, 64)
     assert (tmp_path / "out" / "results.json").is_file()
+
+
+def test_maps_are_read_at_the_level_nearest_map_side():
+    from accel.processors.editing import EditController
+    from accel.processors.state import LatentLayout
+
+    controller = EditController(layout=LatentLayout(grid=(16, 16)), map_side=8)
+    tokens = 5
+    for side in (16, 8, 4):
+        controller.maps[f"level{side}"] = ((side, side), torch.full((1, side * side, tokens), float(side)))
+        controller.blend_sums[(side, side)] = torch.full((2, side * side, tokens), float(side))
+    assert controller.cross_maps().shape == (1, 8, 8, tokens) and (controller.cross_maps() == 8).all()
+    assert controller.blend_maps().shape == (2, 8, 8, tokens) and (controller.blend_maps() == 8).all()
+    controller.map_side = 16
+    assert controller.cross_maps().shape == (1, 16, 16, tokens) and controller.blend_maps().shape[1:3] == (16, 16)

@@ -484,11 +484,11 @@ class AStarConfig(MethodConfig):
     over the prompt's tokens (x ``sharpness``, A&E's temperature), averaged over the subject's tokens. The loss is
     A-STAR's segregation (soft overlap of every pair of maps, each smoothed as A&E smooths and min-max-normalised)
     plus retention (overlap with the region each map held at the previous step, binarised at ``threshold``). The
-    smoothing and the threshold are the choices the paper leaves open, taken by measurement on the shipped model
-    (held-out seeds, README): both found both objects more often than none and 0.5. ``loss="attend_excite"`` uses
-    Attend-and-Excite's
-    instead (the most neglected subject's smoothed peak). The latent moves down the gradient with A&E's schedule
-    ``step_size · sqrt(1 − progress / 2)``, and the scheduler steps from the moved latent.
+    smoothing and the threshold fill gaps the paper leaves, chosen by measurement on the shipped model (held-out
+    seeds, README: with them A-STAR found both objects more often than unsmoothed or at 0.5).
+    ``loss="attend_excite"`` uses Attend-and-Excite's loss instead (the most neglected subject's smoothed peak). The
+    latent moves down the gradient with A&E's schedule ``step_size · sqrt(1 − progress / 2)``, and the scheduler
+    steps from the moved latent.
 
     On FLUX (guidance-distilled: no guidance batch; packed latents; flow-matching scheduler) the extra forward is of
     the transformer, and the recorded blocks (default: the middle third of all blocks, double and single stream in

@@ -24,6 +24,11 @@ from accel.processors.joint import key_padding_mask
 PREFERRED_MAP_SIDE = 16
 
 
+def nearest_level(grids, side: int) -> tuple[int, ...]:
+    """Of the recorded token grids, the one whose larger side is nearest ``side`` (the larger on a tie)."""
+    return min((tuple(g) for g in grids), key=lambda g: (abs(max(g) - side), -max(g)))
+
+
 @dataclass
 class CrossAttentionStore:
     """Head-averaged cross-attention probabilities of the last recording pass.
@@ -71,7 +76,7 @@ class CrossAttentionStore:
         if not grids:
             raise RuntimeError("no cross-attention map was recorded in this pass")
         if grid is None:
-            grid = min(grids, key=lambda g: (abs(max(g) - self.map_side), -max(g)))
+            grid = nearest_level(grids, self.map_side)
         chosen = [m for g, m in self.maps.values() if tuple(g) == tuple(grid)]
         if not chosen:
             raise RuntimeError(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from accel.kernels.editing import transfer_cross_attention
-from accel.processors.controls import PREFERRED_MAP_SIDE
+from accel.processors.controls import PREFERRED_MAP_SIDE, nearest_level
 from accel.processors.dense import AttentionCall, DenseAttnProcessor
 from accel.processors.state import LatentLayout
 
@@ -93,7 +93,7 @@ def nearest_grid(entries, grid, side: int = PREFERRED_MAP_SIDE):
         if tuple(grid) not in grids:
             raise RuntimeError(f"no cross-attention map at {grid} was recorded; recorded: {sorted(grids)}")
         return tuple(grid)
-    return min(grids, key=lambda g: (abs(max(g) - side), -max(g)))
+    return nearest_level(grids, side)
 
 
 def _mean_at(grid, entries) -> torch.Tensor:

@@ -34,6 +34,7 @@ from quality import PROMPTS  # noqa: E402
 
 import accel  # noqa: E402
 from accel.pipelines import shapes, shapes_detector  # noqa: E402
+from accel.pipelines.prompts import word_positions  # noqa: E402
 from accel.processors.controls import StoreAttnProcessor  # noqa: E402
 
 KINDS = ("colour", "noun", "phrase")
@@ -62,14 +63,11 @@ def recorded_maps(pipe, rows: int, per_call: list):
 
 
 def subject_tokens(tokenizer, prompt: str) -> tuple[dict, dict]:
-    """Per kind, the two objects' token positions (BOS is 0) in "a C1 S1 and a C2 S2"."""
-    words = [t.removesuffix("</w>") for t in tokenizer.tokenize(prompt)]
-    position = {}
-    for index, word in enumerate(words, start=1):
-        position.setdefault(word, index)
+    """Per kind, the two objects' token positions in "a C1 S1 and a C2 S2"."""
     _, c1, s1, _, _, c2, s2 = prompt.split()
-    first = {"colour": (position[c1],), "noun": (position[s1],), "phrase": (position[c1], position[s1])}
-    second = {"colour": (position[c2],), "noun": (position[s2],), "phrase": (position[c2], position[s2])}
+    colour1, noun1, colour2, noun2 = word_positions(tokenizer, prompt, [c1, s1, c2, s2])
+    first = {"colour": colour1, "noun": noun1, "phrase": colour1 + noun1}
+    second = {"colour": colour2, "noun": noun2, "phrase": colour2 + noun2}
     return first, second
 
 

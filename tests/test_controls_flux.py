@@ -259,3 +259,5 @@ def test_a_batch_of_prompts_with_different_subject_counts(flux):
         assert state.positions == [[(2,), (6,)], [(2,)], []]
         assert [step for step, _ in state.losses] == [0, 1]
     assert np.abs(guided[0] - reference[0]).max() > 1e-2 and np.abs(guided[1] - reference[1]).max() > 1e-2
+    # The row without subjects has no loss: its latent must not take the other rows' gradient.
+    assert np.array_equal(guided[2], reference[2])

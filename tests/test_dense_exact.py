@@ -1,5 +1,7 @@
 """The "dense" method reproduces diffusers exactly, and unpatch restores the model bit for bit."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -131,3 +133,37 @@ def test_dense_keeps_the_attention_backend_set_on_the_model(tiny_pipelines):
         pipe.transformer.reset_attention_backend()
         # diffusers' set_attention_backend also changes a global that reset_attention_backend leaves alone.
         _AttentionBackendRegistry._active_backend = saved_global
+
+
+# Methods that split HunyuanVideo's joint attention into visual and text parts; each must keep the padded text keys
+# masked. Their exact shortcuts (agent_ratio=1, threshold=1, a whole-grid window) are avoided on purpose.
+JOINT_METHODS = {
+    "unpatched": None,
+    "dense": ("dense", {}),
+    "agent": ("agent", {"agent_steps": 1.0}),
+    "vmoba": ("vmoba", {"threshold": 0.5, "blocks": [(1, 4, 4)]}),
+    "gna": ("gna", {"kernel_size": (2, 5, 5), "stride": 1, "backend": "torch"}),
+}
+
+
+@pytest.mark.parametrize("method", JOINT_METHODS)
+def test_padded_text_tokens_do_not_reach_the_output(tiny_pipelines, method):
+    pipe = tiny_pipelines["hunyuanvideo-tiny"]
+    noise = torch.Generator().manual_seed(1)
+
+    def scramble_padding(module, args, kwargs):
+        mask = kwargs["encoder_attention_mask"].bool()
+        assert not mask.all(), "the prompt must leave padded text tokens for this test to mean anything"
+        text = kwargs["encoder_hidden_states"].clone()
+        text[~mask] = 10 * torch.randn(text[~mask].shape, generator=noise).to(text)
+        return args, {**kwargs, "encoder_hidden_states": text}
+
+    spec = JOINT_METHODS[method]
+    with accel.patched(pipe, spec[0], **spec[1]) if spec else contextlib.nullcontext():
+        clean = generate(pipe, "hunyuanvideo-tiny")
+        hook = pipe.transformer.register_forward_pre_hook(scramble_padding, with_kwargs=True)
+        try:
+            scrambled = generate(pipe, "hunyuanvideo-tiny")
+        finally:
+            hook.remove()
+    assert np.abs(scrambled - clean).max() <= 1e-5

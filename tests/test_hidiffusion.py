@@ -258,7 +258,7 @@ def test_other_families_are_refused(tiny_pipelines):
         accel.patch(tiny_pipelines["flux-tiny"], "hidiffusion")
 
 
-def test_controlnet_residuals_follow_raunet(sd):
+def test_controlnet_residuals_follow_raunet(sd, monkeypatch):
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
     torch.manual_seed(0)
@@ -289,7 +289,21 @@ def test_controlnet_residuals_follow_raunet(sd):
     # RAU-Net switched off and one window: the residuals are added where diffusers adds them, bit for bit.
     with accel.patched(pipe, "hidiffusion", raunet_switch=0.0, windows=1):
         assert np.array_equal(run(), reference)
+    import accel.pipelines.hidiffusion as raunet_module
+
+    fitted, pooled = raunet_module._fitted, []
+
+    def recording(residual, like):
+        out = fitted(residual, like)
+        if residual.shape[-2:] != like.shape[-2:]:
+            pooled.append((out, torch.nn.functional.adaptive_avg_pool2d(residual, like.shape[-2:])))
+        return out
+
+    monkeypatch.setattr(raunet_module, "_fitted", recording)
     with accel.patched(pipe, "hidiffusion"):  # 2x the tiny UNet's size: RAU-Net shrinks the deep skips
         shrunk = run()
         shrunk_without_control = run(controlnet_conditioning_scale=0.0)
     assert np.isfinite(shrunk).all() and np.abs(shrunk - shrunk_without_control).max() > 1e-3
+    # While RAU-Net has the features shrunk, the residuals are pooled to them, not dropped.
+    assert pooled and all(torch.equal(out, expected) for out, expected in pooled)
+    assert any(out.abs().max() > 0 for out, _ in pooled)  # the run with control (the other has scale 0)

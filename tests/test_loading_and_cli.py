@@ -83,7 +83,17 @@ def test_compare_dense_is_exact_and_records_the_run(tiny_pipelines, tmp_path):
 
     pipe = tiny_pipelines["sd15-tiny"]
     call = {"prompt": "a red circle", "num_inference_steps": 2, "height": 64, "width": 64}
-    run = compare(pipe, "dense", {}, call, model="sd15-tiny", seed=3, repeats=2)
+    # Dense output equals unpatched, so record which side each denoising step ran under: a compare whose "patched"
+    # side forgot to patch would pass the equality below.
+    patched_steps = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda module, args: patched_steps.append(accel.get_patch(pipe) is not None)
+    )
+    try:
+        run = compare(pipe, "dense", {}, call, model="sd15-tiny", seed=3, repeats=2, warmup=False)
+    finally:
+        hook.remove()
+    assert patched_steps == [False, False, True, True] * 2
     assert run.plain.shape == (64, 64, 3) and run.max_abs_diff == 0.0
     summary = run.summary()
     assert summary["repeats"] == 2 and summary["call"] == {"num_inference_steps": 2, "height": 64, "width": 64}

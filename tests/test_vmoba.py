@@ -187,6 +187,26 @@ def test_threshold_one_equals_unpatched_and_the_sparse_paths_agree(pipeline, req
     assert np.array_equal(generate(pipeline, name), reference)
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("pipeline", FAMILIES, indirect=True)
+def test_every_block_selected_through_the_sparse_path_equals_unpatched(pipeline, backend, request, monkeypatch):
+    # threshold=1 returns before the sparse path; selecting every block runs it whole, so padded text keys must
+    # stay masked there too (hunyuanvideo-tiny pads 24 of its 32 text tokens).
+    import accel.processors.vmoba as vmoba_processors
+
+    name = request.node.callspec.params["pipeline"]
+    reference = generate(pipeline, name)
+
+    def every_block(query, key, partition, threshold):
+        return torch.ones(
+            query.shape[0], query.shape[2], query.shape[1], partition.num_blocks, dtype=torch.bool, device=query.device
+        )
+
+    monkeypatch.setattr(vmoba_processors, "select_blocks", every_block)
+    accel.patch(pipeline, "vmoba", threshold=0.5, blocks=SMALL_BLOCKS[name][:1], backend=backend)
+    assert np.abs(generate(pipeline, name) - reference).max() <= 1e-5
+
+
 @pytest.mark.parametrize(
     ("options", "words"),
     [
@@ -199,9 +219,12 @@ def test_threshold_one_equals_unpatched_and_the_sparse_paths_agree(pipeline, req
     ],
 )
 def test_bad_configs_are_refused(tiny_pipelines, options, words):
+    pipe = tiny_pipelines["hunyuanvideo-tiny"]
+    before = model_fingerprint(pipe.transformer)
     with pytest.raises(InvalidOptionError, match=None) as error:
-        accel.patch(tiny_pipelines["hunyuanvideo-tiny"], "vmoba", **options)
+        accel.patch(pipe, "vmoba", **options)
     assert words in str(error.value)
+    assert model_fingerprint(pipe.transformer) == before and accel.get_patch(pipe) is None
 
 
 def test_blocks_larger_than_the_grid_name_it_at_call_time(tiny_pipelines):
@@ -212,5 +235,5 @@ def test_blocks_larger_than_the_grid_name_it_at_call_time(tiny_pipelines):
 
 
 def test_unets_are_refused(tiny_pipelines):
-    with pytest.raises(accel.UnsupportedModelError):
+    with pytest.raises(accel.UnsupportedModelError, match="vmoba"):
         accel.patch(tiny_pipelines["sd15-tiny"], "vmoba")

@@ -56,12 +56,13 @@ def text_token_maps(
 
 
 def gaussian_smooth(maps: torch.Tensor, size: int = 3, sigma: float = 0.5) -> torch.Tensor:
-    """``[B, C, h, w]`` smoothed per map with a normalised Gaussian (reflect padding at the borders)."""
+    """``[B, C, h, w]`` smoothed per map with a normalised Gaussian (reflect padding at the borders; a side too
+    short to reflect, as at tiny image sizes, repeats its edge)."""
     offsets = torch.arange(size, dtype=maps.dtype, device=maps.device) - (size - 1) / 2
     line = torch.exp(-(offsets**2) / (2 * sigma**2))
     kernel = (line[:, None] * line[None, :]) / (line.sum() ** 2)
     channels = maps.shape[1]
-    padded = F.pad(maps, (size // 2,) * 4, mode="reflect") if min(maps.shape[-2:]) > size // 2 else maps
+    padded = F.pad(maps, (size // 2,) * 4, mode="reflect" if min(maps.shape[-2:]) > size // 2 else "replicate")
     return F.conv2d(padded, kernel.expand(channels, 1, size, size), groups=channels)
 
 

@@ -176,6 +176,10 @@ def encode_prompt_wrapper(pipe, state: GuidanceState, inputs: DenoiserInputs):
     def observe(out, arguments, original):
         state.previous_regions.clear()
         state.losses = []
+        # A call interrupted between its guided forward and the scheduler step leaves an update behind; a new call
+        # must not start from it.
+        state.pending_update = None
+        state.step_update = None
         text = encoded_text(arguments, inputs)
         if text is None:
             error = InvalidOptionError(
@@ -295,7 +299,12 @@ class LatentGuidanceHook(ModelHook):
         rows = encoding.embeds.shape[0]
         update = self._update(forward, arguments, rows, guidance_batch, step)
         scale = self._input_scale(arguments["timestep"], latent)
-        state.pending_update = update / scale
+        if self.inputs.joint:
+            state.pending_update = update / scale
+        else:
+            # An inpainting UNet's input is the latent plus mask and masked-image channels: only the latent moves.
+            update[:, module.config.out_channels :] = 0
+            state.pending_update = update[:, : module.config.out_channels] / scale
         state.step_update = (step.step_index, update)
         self._ensure_step_shim()
         arguments[self.inputs.latent] = latent + _repeat_rows(update, latent)
@@ -374,6 +383,8 @@ class LatentGuidanceHook(ModelHook):
             return
         original = scheduler.step
         state = self.state
+        # A step the user set on the instance (a wrapper of their own) comes back on unpatch, not the class's.
+        own_step = vars(scheduler).get("step", _NO_OWN_STEP)
 
         def step(model_output, timestep, sample, *args, **kwargs):
             update, state.pending_update = state.pending_update, None
@@ -383,7 +394,7 @@ class LatentGuidanceHook(ModelHook):
 
         step._accel_guidance = state
         scheduler.step = step
-        state.wrapped_schedulers.append(scheduler)
+        state.wrapped_schedulers.append((scheduler, own_step))
 
 
 def default_recorded_layers(sites: list) -> set[str]:
@@ -395,9 +406,15 @@ def default_recorded_layers(sites: list) -> set[str]:
     return {site.name for site in chosen}
 
 
+_NO_OWN_STEP = object()
+
+
 def remove_step_shims(state: GuidanceState) -> None:
-    for scheduler in state.wrapped_schedulers:
-        vars(scheduler).pop("step", None)
+    for scheduler, own_step in reversed(state.wrapped_schedulers):
+        if own_step is _NO_OWN_STEP:
+            vars(scheduler).pop("step", None)
+        else:
+            scheduler.step = own_step
     state.wrapped_schedulers.clear()
     state.pending_update = None
     state.step_update = None
@@ -413,6 +430,8 @@ def _last_rows(value, rows: int):
         return value[-rows:]
     if isinstance(value, dict):
         return {key: _last_rows(item, rows) for key, item in value.items()}
+    if isinstance(value, list | tuple):  # ControlNet's residuals
+        return type(value)(_last_rows(item, rows) for item in value)
     return value
 
 
@@ -421,4 +440,6 @@ def _ordinary(value):
         return value.clone() if value.is_inference() else value
     if isinstance(value, dict):
         return {key: _ordinary(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_ordinary(item) for item in value)
     return value

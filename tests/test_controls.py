@@ -44,6 +44,9 @@ def test_attend_and_excite_loss_is_the_most_neglected_concept():
     loss = controls.attend_excite_loss(maps)
     assert loss.item() == pytest.approx(0.99, abs=1e-6)  # concept 1 is absent
     assert controls.gaussian_smooth(torch.full((1, 1, 5, 5), 0.3)).sub(0.3).abs().max() < 1e-6
+    # Sides too short to reflect (a 16 px FLUX image has one token row) keep their shape.
+    for shape in ((1, 1, 1, 4), (1, 2, 1, 1), (1, 1, 2, 3)):
+        assert controls.gaussian_smooth(torch.full(shape, 0.3)).sub(0.3).abs().max() < 1e-6
 
 
 def test_step_sizes_follow_attend_and_excite():
@@ -170,7 +173,7 @@ def test_a_swapped_scheduler_is_guided_too_and_restored(shapes_pipe):
         reference = generate_shapes(shapes_pipe, PROMPT)
         with accel.patched(shapes_pipe, "astar"):
             guided = generate_shapes(shapes_pipe, PROMPT)
-            assert _guidance_state(shapes_pipe).wrapped_schedulers == [shapes_pipe.scheduler]
+            assert [s for s, _ in _guidance_state(shapes_pipe).wrapped_schedulers] == [shapes_pipe.scheduler]
         assert "step" not in vars(shapes_pipe.scheduler)
         assert abs(guided - reference).max() > 1e-3
     finally:
@@ -223,4 +226,81 @@ def test_composes_with_hidiffusion(shapes_pipe):
     with accel.patched(shapes_pipe, [accel.HiDiffusionConfig(), accel.AStarConfig()]):
         guided = generate()
         assert len(_guidance_state(shapes_pipe).losses) == 4
+    assert abs(guided - reference).max() > 1e-3
+
+
+def test_a_users_own_scheduler_step_comes_back(shapes_pipe):
+    own = shapes_pipe.scheduler.step  # a bound method set on the instance, as a user's wrapper would be
+    shapes_pipe.scheduler.step = own
+    try:
+        with accel.patched(shapes_pipe, "astar"):
+            generate_shapes(shapes_pipe, PROMPT)
+            assert vars(shapes_pipe.scheduler)["step"] is not own
+        assert vars(shapes_pipe.scheduler)["step"] is own
+    finally:
+        vars(shapes_pipe.scheduler).pop("step", None)
+
+
+def test_an_interrupted_call_leaves_no_update_for_the_next(shapes_pipe):
+    unguided = "circles"  # no noun phrase with a subject: the call is not guided
+    with accel.patched(shapes_pipe, "astar"):
+        before = generate_shapes(shapes_pipe, unguided)
+        calls = []
+
+        def interrupt(module, args, output):
+            calls.append(1)
+            if len(calls) == 2:  # the guided forward has run and left its update for the scheduler step
+                raise KeyboardInterrupt
+
+        hook = shapes_pipe.unet.conv_out.register_forward_hook(interrupt)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                generate_shapes(shapes_pipe, PROMPT)
+        finally:
+            hook.remove()
+        assert (generate_shapes(shapes_pipe, unguided) == before).all()
+
+
+@pytest.mark.parametrize("kind", ["inpaint", "controlnet"])
+def test_astar_guides_inpainting_and_controlnet_pipelines(tiny_pipelines, kind):
+    from diffusers import (
+        ControlNetModel,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionInpaintPipeline,
+        UNet2DConditionModel,
+    )
+
+    sd = tiny_pipelines["sd15-tiny"]
+    torch.manual_seed(0)
+    if kind == "inpaint":  # latent + mask + masked image: 9 input channels, 4 out
+        unet = UNet2DConditionModel.from_config({**sd.unet.config, "in_channels": 9})
+        pipe = StableDiffusionInpaintPipeline(**{**sd.components, "unet": unet})
+        mask = torch.zeros(1, 1, 128, 128)
+        mask[..., 32:96, 32:96] = 1
+        inputs = {"image": torch.rand(1, 3, 128, 128), "mask_image": mask}
+    else:
+        controlnet = ControlNetModel.from_unet(sd.unet).eval()
+        with torch.no_grad():  # a fresh ControlNet outputs zeros; weights make its residuals matter
+            for block in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
+                block.weight.normal_(0, 0.05)
+        pipe = StableDiffusionControlNetPipeline(**sd.components, controlnet=controlnet)
+        inputs = {"image": torch.rand(1, 3, 128, 128)}
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe(
+            PROMPT,
+            num_inference_steps=3,
+            height=128,
+            width=128,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+            **inputs,
+        ).images
+
+    reference = run()
+    with accel.patched(pipe, "astar", step_size=0):
+        assert (run() == reference).all()
+    with accel.patched(pipe, "astar"):
+        guided = run()
     assert abs(guided - reference).max() > 1e-3

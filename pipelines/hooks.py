@@ -71,14 +71,31 @@ def install_hook(module: torch.nn.Module, hook: ModelHook, name: str):
     registry.register_hook(hook, name)
 
     def remove() -> None:
+        # accelerate (``enable_model_cpu_offload`` after ``patch``) wraps whatever forward it finds and calls it
+        # through ``module._old_forward``: unwind the registry underneath that wrapper and leave the wrapper on top.
+        accelerate_outer = _accelerate_wrapper_over_registry(module)
+        if accelerate_outer is not None:
+            module.forward = module._old_forward
         registry.remove_hook(name, recurse=False)
-        if registry.hooks:
-            return
-        # With no hooks left the pinned forward is the class's own again; diffusers may have created the registry
-        # itself (``cache_context`` does), so only a registry that was ours is deleted.
-        if not had_forward_attribute:
-            vars(module).pop("forward", None)
-        if not had_registry:
-            del module._diffusers_hook
+        if not registry.hooks:
+            # With no hooks left the pinned forward is the class's own again; diffusers may have created the
+            # registry itself (``cache_context`` does), so only a registry that was ours is deleted.
+            if not had_forward_attribute:
+                vars(module).pop("forward", None)
+            if not had_registry:
+                del module._diffusers_hook
+        if accelerate_outer is not None:
+            module._old_forward = module.forward
+            module.forward = accelerate_outer
 
     return remove
+
+
+def _accelerate_wrapper_over_registry(module: torch.nn.Module):
+    """accelerate's forward wrapper when it was added over a diffusers hook registry's forward, else ``None``."""
+    inner = vars(module).get("_old_forward")
+    outer = vars(module).get("forward")
+    if inner is None or outer is None or getattr(module, "_hf_hook", None) is None:
+        return None
+    wrapped = getattr(inner, "func", None)
+    return outer if getattr(wrapped, "__module__", None) == HookRegistry.__module__ else None

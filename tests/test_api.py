@@ -47,6 +47,34 @@ def test_patching_twice_replaces_and_one_unpatch_restores(sd):
     assert model_fingerprint(sd.unet) == before
 
 
+@pytest.mark.parametrize("method", ["dense", "astar", "hidiffusion"])
+def test_unpatch_keeps_an_accelerate_hook_added_after_patch(sd, method):
+    # enable_model_cpu_offload() after accel.patch: accelerate wraps the forward accel's hooks pinned.
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    class Counting(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Counting.calls += 1
+            return args, kwargs
+
+    reference = generate(sd, "sd15-tiny")
+    before = model_fingerprint(sd.unet)
+    accel.patch(sd, method)
+    add_hook_to_module(sd.unet, Counting())
+    try:
+        accel.unpatch(sd)
+        Counting.calls = 0
+        assert np.array_equal(generate(sd, "sd15-tiny"), reference)
+        assert Counting.calls == 2 and not hasattr(sd.unet, "_diffusers_hook")
+    finally:
+        remove_hook_from_module(sd.unet)
+        vars(sd.unet).pop("forward", None)  # accelerate pins the forward it restores
+    assert np.array_equal(generate(sd, "sd15-tiny"), reference)
+    assert model_fingerprint(sd.unet) == before
+
+
 def test_handle_and_context_manager_restore(sd):
     before = model_fingerprint(sd.unet)
     with accel.patch(sd) as handle:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -31,8 +32,10 @@ class PatchHandle:
         layers: module names of the attention layers whose processor was replaced, with the method that owns each.
     """
 
-    def __init__(self, denoiser, family: ModelFamily, configs, context, originals, layers, undo):
+    def __init__(self, denoiser, family: ModelFamily, configs, context, originals, layers, undo, pipeline=None):
         self._denoiser = denoiser
+        # Weak, like the step hook's: a handle on the denoiser must not keep its pipeline alive.
+        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
         self.family = family.name
         self.configs: tuple[MethodConfig, ...] = tuple(configs)
         self.context: PatchContext = context
@@ -145,13 +148,16 @@ def patched(
     """Patch for the duration of a ``with`` block; on exit the previous state (patched or not) comes back."""
     previous = get_patch(target)
     previous_configs = previous.configs if previous is not None else None
+    # A patch made on the pipeline comes back on the pipeline, even when this block named the bare denoiser: the
+    # controls' wrappers need it.
+    previous_pipeline = previous._pipeline() if previous is not None and previous._pipeline is not None else None
     handle = patch(target, method, **options)
     try:
         yield handle
     finally:
         handle.remove()
         if previous_configs is not None:
-            patch(target, list(previous_configs))
+            patch(previous_pipeline if previous_pipeline is not None else target, list(previous_configs))
 
 
 def _resolve_target(target: Any) -> tuple[Any, torch.nn.Module]:
@@ -257,6 +263,6 @@ def _commit(plan: PatchPlan, configs: list[MethodConfig], originals: dict[str, A
         raise
     undo.extend(plan.undo)
     layers = {name: owner for name, (owner, _) in plan.processors.items()}
-    handle = PatchHandle(denoiser, plan.family, configs, plan.context, originals, layers, undo)
+    handle = PatchHandle(denoiser, plan.family, configs, plan.context, originals, layers, undo, plan.pipeline)
     setattr(denoiser, _HANDLE_ATTRIBUTE, handle)
     return handle

@@ -75,6 +75,16 @@ def test_unpatch_keeps_an_accelerate_hook_added_after_patch(sd, method):
     assert model_fingerprint(sd.unet) == before
 
 
+def test_a_block_on_the_denoiser_restores_a_patch_made_on_the_pipeline(sd):
+    accel.patch(sd, "astar")  # A-STAR needs the pipeline (it wraps encode_prompt and the scheduler step)
+    guided = generate(sd, "sd15-tiny")
+    with accel.patched(sd.unet, "dense"):
+        pass
+    handle = accel.get_patch(sd)
+    assert handle is not None and [c.name for c in handle.configs] == ["astar"]
+    assert np.array_equal(generate(sd, "sd15-tiny"), guided)
+
+
 def test_handle_and_context_manager_restore(sd):
     before = model_fingerprint(sd.unet)
     with accel.patch(sd) as handle:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from accel.config import (
@@ -16,6 +17,19 @@ from accel.config import (
 from accel.errors import InvalidOptionError, PatchConflictError, UnsupportedModelError
 from accel.plan import PatchPlan
 from accel.registry import register_method
+
+GRID_AXES = {"flux": ("rows", "cols"), "hunyuanvideo": ("frames", "rows", "cols")}
+
+
+def _refuse_extra_image_tokens(pipe, method: str) -> None:
+    """Methods that lay the image tokens out on the latent's grid cannot place the tokens some pipelines append
+    (FLUX Kontext's reference image)."""
+    if pipe is not None and "Kontext" in type(pipe).__name__:
+        raise UnsupportedModelError(
+            f"{method}: {type(pipe).__name__} appends the reference image's tokens to the latent's, and {method} lays "
+            "the image tokens out on the latent's grid; use it with FluxPipeline, FluxImg2ImgPipeline or another "
+            "pipeline whose transformer sees the latent's tokens alone"
+        )
 
 
 @register_method(DenseConfig, families=("unet", "flux", "hunyuanvideo"))
@@ -61,6 +75,7 @@ def apply_gna(plan: PatchPlan, config: GNAConfig) -> None:
     from accel.pipelines import gna
 
     processor_class, default_geometry = gna.PROCESSORS[plan.family.name]
+    _refuse_extra_image_tokens(plan.pipeline, "gna")
     sites = plan.select(config)
     if config.dense_layers is not None:
         dense = re.compile(config.dense_layers)
@@ -71,16 +86,31 @@ def apply_gna(plan: PatchPlan, config: GNAConfig) -> None:
                 f"(e.g. {sites[0].name}); fix the regex (it must match a whole name)"
             )
         sites = kept
-    for pattern in config.per_layer or {}:
+    for pattern, overrides in (config.per_layer or {}).items():
         if not any(re.fullmatch(pattern, s.name) for s in sites):
             raise InvalidOptionError(
                 f"gna: per_layer pattern {pattern!r} matches none of the patched layers (e.g. {sites[0].name})"
             )
+        # The overrides obey the same rules as the top-level options (the config checks them there).
+        try:
+            dataclasses.replace(config, per_layer=None, **overrides)
+        except InvalidOptionError as error:
+            raise InvalidOptionError(f"gna: per_layer[{pattern!r}]: {str(error).removeprefix('gna: ')}") from None
+    axes = GRID_AXES[plan.family.name]
+    settings = {site.name: gna.layer_settings(config, site.name) for site in sites}
+    for name, layer in settings.items():
+        for option in ("kernel_size", "stride", "dilation", "is_causal"):
+            value = getattr(layer, option)
+            if isinstance(value, tuple) and len(value) != len(axes):
+                raise InvalidOptionError(
+                    f"gna: {option}={value!r} (layer {name}) has {len(value)} entries but {plan.family.name} token "
+                    f"grids have {len(axes)} axes ({', '.join(axes)}); give one per axis, or one value for all"
+                )
     for site in sites:
         processor = processor_class(
             context=plan.context,
             layer=site.name,
-            settings=gna.layer_settings(config, site.name),
+            settings=settings[site.name],
             default_geometry=default_geometry,
             dense_steps=config.dense_steps,
             backend=config.backend,
@@ -93,6 +123,7 @@ def apply_agent(plan: PatchPlan, config: AgentConfig) -> None:
     from accel.pipelines import agent
 
     family = plan.family.name
+    _refuse_extra_image_tokens(plan.pipeline, "agent")
     try:
         settings = agent.settings_for(config, family)
     except ValueError as error:
@@ -123,7 +154,8 @@ def apply_vmoba(plan: PatchPlan, config: VMoBAConfig) -> None:
     from accel.pipelines import vmoba
 
     family = plan.family.name
-    axes = {"flux": ("rows", "cols"), "hunyuanvideo": ("frames", "rows", "cols")}[family]
+    _refuse_extra_image_tokens(plan.pipeline, "vmoba")
+    axes = GRID_AXES[family]
     for shape in config.blocks or ():
         if len(shape) != len(axes):
             raise InvalidOptionError(

@@ -79,11 +79,11 @@ class _NeighborhoodAttend(JointVisualAttend):
             default_kernel, default_stride = self.default_geometry(grid)
             kernel = self.settings.kernel_size if self.settings.kernel_size is not None else default_kernel
             stride = self.settings.stride if self.settings.stride is not None else default_stride
-            if self.settings.kernel_size is not None and self.settings.stride is None:
-                # An explicit kernel with the default stride: keep the stride within the kernel.
-                kernels = kernel if isinstance(kernel, tuple) else (kernel,) * len(grid)
-                stride = tuple(min(s, k) for s, k in zip(stride, kernels, strict=True))
             try:
+                if self.settings.kernel_size is not None and self.settings.stride is None:
+                    # An explicit kernel with the default stride: keep the stride within the kernel.
+                    kernels = kernel if isinstance(kernel, tuple) else (kernel,) * len(grid)
+                    stride = tuple(min(s, k) for s, k in zip(stride, kernels, strict=True))
                 cached = Neighborhood.create(grid, kernel, stride, self.settings.dilation, self.settings.is_causal)
             except ValueError as error:
                 raise ValueError(f"gna: {self.layer} at token grid {grid}: {error}") from None

@@ -13,6 +13,7 @@ import math
 import torch
 from diffusers.utils import logging
 
+from accel.errors import UnsupportedModelError
 from accel.processors.dense import AttentionCall, resolve_kernel_backend
 from accel.processors.parallel import ulysses_attend, ulysses_group
 
@@ -92,11 +93,12 @@ class JointVisualAttend:
         layout = self.context.layout if self.context is not None else None
         grid = None if layout is None else layout.grid
         if grid is None or math.prod(grid) != visual_tokens:
-            raise RuntimeError(
+            raise UnsupportedModelError(
                 f"{self.method}: {self.layer} received {visual_tokens} visual tokens but the recorded token grid is "
-                f"{grid}; {self.method} needs the grid (FLUX img_ids / HunyuanVideo latent shape) of the denoiser call "
-                "(with context parallelism: call enable_parallelism before accel.patch, so that accel's hook sees the "
-                "inputs before they are split)"
+                f"{grid}; {self.method} needs the image tokens to be the latent's own grid (FLUX img_ids / "
+                "HunyuanVideo latent shape). Pipelines that append tokens of their own (a reference image, as FLUX "
+                "Kontext does) are not supported; with context parallelism, call enable_parallelism before "
+                "accel.patch, so that accel's hook sees the inputs before they are split"
             )
         return grid
 

@@ -118,6 +118,9 @@ def test_per_layer_geometry(pipeline):
         (dict(dense_layers="nothing-matches"), "matches none of the layers"),
         (dict(dense_layers="("), "not a valid regex"),
         (dict(kernel_sise=3), "Did you mean 'kernel_size'"),
+        (dict(kernel_size=(3, 3, 3)), "has 3 entries but flux token grids have 2 axes"),
+        (dict(is_causal=(True, False, False)), "has 3 entries but flux token grids have 2 axes"),
+        (dict(per_layer={".*": {"kernel_size": "x"}}), r"per_layer\['\.\*'\]: kernel_size='x' must be a positive int"),
     ],
 )
 def test_bad_configs_are_refused(tiny_pipelines, options, words):
@@ -163,3 +166,13 @@ def test_default_geometry_is_block_sparse_for_the_cpu_tiles(geometry, grid):
     tile = default_tile(hood)
     plan = tile_plan(hood.grid, hood.kernel_size, hood.stride, hood.is_causal, tile, torch.device("cpu"))
     assert tile == hood.stride and all(inside is None for inside in plan.inside)
+
+
+@pytest.mark.parametrize("method", ["gna", "vmoba", "agent"])
+def test_pipelines_that_append_image_tokens_are_refused(tiny_pipelines, method):
+    from diffusers import FluxKontextPipeline
+
+    kontext = FluxKontextPipeline(**tiny_pipelines["flux-tiny"].components)
+    with pytest.raises(UnsupportedModelError, match=f"{method}: FluxKontextPipeline appends the reference image"):
+        accel.patch(kontext, method)
+    assert accel.get_patch(kontext) is None

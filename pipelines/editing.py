@@ -35,6 +35,7 @@ import torch
 
 from accel.errors import InvalidOptionError, UnsupportedModelError
 from accel.kernels import controls, editing
+from accel.pipelines.families import UNetFamily
 from accel.pipelines.prompts import PromptWord, noun_phrases, prompt_words
 from accel.processors.editing import EditAttnProcessor, EditController
 from accel.processors.state import LatentLayout
@@ -289,6 +290,15 @@ def run_edit(pipe, image, source: str, target: str, config) -> EditResult:
     controller.self_grid = tuple(math.ceil(side / 2) for side in layout.grid)  # the UNet's second level
     controller.self_replace_side = max(1, int(max(layout.grid) * config.self_replace_side))
     originals = unet.attn_processors
+    replaceable = UNetFamily.replaceable_processors
+    foreign = {name: type(p).__name__ for name, p in originals.items() if type(p).__name__ not in replaceable}
+    if foreign:
+        name, kind = next(iter(foreign.items()))
+        raise InvalidOptionError(
+            f"accel.edit: {name} (and {len(foreign) - 1} more) uses {kind}, whose behaviour the edit's own processors "
+            f"would drop (they replace only {', '.join(sorted(replaceable))}); remove it first (e.g. "
+            "pipe.unload_ip_adapter(), or pipe.unet.set_attn_processor(AttnProcessor2_0()))"
+        )
     unet.set_attn_processor({name: EditAttnProcessor(controller, name) for name in originals})
     dtypes = {name: getattr(pipe, name).dtype for name in ("unet", "text_encoder")}
     try:

@@ -194,6 +194,21 @@ def test_bad_input_is_refused_with_the_fix(shapes_pipe, case, tiny_pipelines):
         accel.edit(tiny_pipelines["sdxl-tiny"], image, scene.caption, scene.caption)
     with accel.patched(shapes_pipe, "dense"), pytest.raises(accel.InvalidOptionError, match="unpatch"):
         accel.edit(shapes_pipe, image, scene.caption, scene.caption)
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class CustomProcessor(AttnProcessor2_0):  # e.g. an adapter's: the edit must not silently drop it
+        pass
+
+    unet = shapes_pipe.unet
+    originals = unet.attn_processors
+    layer = next(name for name in originals if "attn2" in name)
+    unet.set_attn_processor({**originals, layer: CustomProcessor()})
+    try:
+        with pytest.raises(accel.InvalidOptionError, match="uses CustomProcessor, whose behaviour"):
+            accel.edit(shapes_pipe, image, scene.caption, scene.caption)
+        assert type(unet.attn_processors[layer]) is CustomProcessor
+    finally:
+        unet.set_attn_processor(dict(originals))
 
 
 def test_unknown_option_names_the_closest(shapes_pipe, case):

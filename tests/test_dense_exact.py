@@ -105,8 +105,13 @@ def test_dense_uses_fused_projections(name):
     # Poison the unfused weights: if the processor read them instead of the fused ones, the output would change.
     with torch.no_grad():
         for module in fused_modules:
-            for proj in ("to_q", "to_k", "to_v") if not getattr(module, "is_cross_attention", False) else ("to_k",):
-                getattr(module, proj).weight.fill_(float("nan"))
+            cross = getattr(module, "is_cross_attention", False)
+            projections = (
+                ("to_k", "to_v") if cross else ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+            )
+            for proj in projections:
+                if getattr(module, proj, None) is not None:
+                    getattr(module, proj).weight.fill_(float("nan"))
     accel.patch(pipe, "dense")
     patched = generate(pipe, name)
     assert np.abs(patched - reference).max() <= 1e-5

@@ -46,3 +46,6 @@ def test_bf16_error_is_within_twice_pytorchs_own():
     ours = attention_reference(*low, upcast=True).float()
     pytorch = attention_reference(*low, upcast=False).float()
     assert (ours - truth).abs().max() <= 2 * (pytorch - truth).abs().max()
+    # The upcast path is fp32 arithmetic on the bf16 inputs, rounded once at the end (not bf16 arithmetic).
+    assert torch.equal(ours.bfloat16(), attention_reference(*(x.float() for x in low)).bfloat16())
+    assert not torch.equal(ours.bfloat16(), pytorch.bfloat16())

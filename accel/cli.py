@@ -4,13 +4,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
 DEFAULT_PROMPT = "a red circle and a blue square"
+
+
+class InputError(Exception):
+    """Command-line input found unusable after parsing (a missing file, an absent device); printed as one line like
+    accel's own errors, since the fix is the user's and a traceback would only hide it."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,9 +30,57 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.run(args)
-    except AccelError as error:
+    except (AccelError, InputError) as error:
         print(f"accel: error: {error}", file=sys.stderr)
         return 2
+
+
+def _positive_int(text: str) -> int:
+    """argparse type for counts and sizes: 0 or a negative number would divide by zero, run nothing or be replaced
+    by a default without a word."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    """argparse type that refuses nan and inf, which float() accepts and which would turn every output to NaN."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+class _OptionPairs(argparse.Action):
+    """``--option KEY=VALUE``, repeatable: checks the form while parsing and refuses a key given twice, where the
+    last value would otherwise win without a word."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        key, sep, _ = value.partition("=")
+        if not sep or not key:
+            raise argparse.ArgumentError(self, f"expected KEY=VALUE (e.g. kernel_size=16), got {value!r}")
+        pairs = list(getattr(namespace, self.dest) or [])
+        if any(pair.partition("=")[0] == key for pair in pairs):
+            raise argparse.ArgumentError(self, f"{key!r} is given twice; give each option once")
+        setattr(namespace, self.dest, [*pairs, value])
+
+
+@contextlib.contextmanager
+def _call_errors_as_input_errors():
+    """Methods and diffusers check some inputs only when generation meets them (a GNA kernel larger than the token
+    grid, a height not divisible by 8) and raise ValueError with a message naming the fix; those are shown as one
+    line. Other exception types are bugs and keep their traceback."""
+    try:
+        yield
+    except ValueError as error:
+        raise InputError(str(error)) from error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--model", default="shapes-sd", help="built-in name, hub id or local folder")
     compare.add_argument("--method", default="dense", help="registered method name (see `accel methods`)")
     compare.add_argument(
-        "--option", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable (JSON values)"
+        "--option",
+        action=_OptionPairs,
+        default=[],
+        metavar="KEY=VALUE",
+        help="method option, repeatable (JSON values)",
     )
     compare.add_argument(
         "--prompt",
@@ -57,16 +116,24 @@ def _parser() -> argparse.ArgumentParser:
         help="share the prompts between the processes of an `accelerate launch` / `torchrun` run (accelerate's "
         "PartialState); each process writes its prompts' folders, the first one the combined results.json",
     )
-    compare.add_argument("--height", type=int, default=None, help="pixels; default: the model's own small default")
-    compare.add_argument("--width", type=int, default=None)
-    compare.add_argument("--frames", type=int, default=None, help="video models: number of frames")
-    compare.add_argument("--steps", type=int, default=None, help="default: the built-in model's own (else 25)")
-    compare.add_argument("--guidance", type=float, default=None, help="guidance scale; default: the pipeline's")
+    compare.add_argument(
+        "--height", type=_positive_int, default=None, help="pixels; default: the model's own small default"
+    )
+    compare.add_argument("--width", type=_positive_int, default=None)
+    compare.add_argument(
+        "--frames", type=_positive_int, default=None, help="video models (HunyuanVideo) only: number of frames"
+    )
+    compare.add_argument(
+        "--steps", type=_positive_int, default=None, help="default: the built-in model's own (else 25)"
+    )
+    compare.add_argument(
+        "--guidance", type=_finite_float, default=None, help="guidance scale; default: the pipeline's"
+    )
     compare.add_argument("--seed", type=int, default=0)
-    compare.add_argument("--repeats", type=int, default=1, help="timed runs of each side (median reported)")
+    compare.add_argument("--repeats", type=_positive_int, default=1, help="timed runs of each side (median reported)")
     compare.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     compare.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    compare.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    compare.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
     compare.add_argument("--out", default="outputs", help="folder for images / videos and results.json")
     compare.set_defaults(run=_run_compare)
 
@@ -79,11 +146,11 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument("--target", required=True, help="what it should show, e.g. 'a green circle and a blue square'")
     edit.add_argument("--method", default="dpl", choices=["dpl", "p2p"])
     edit.add_argument(
-        "--option", action="append", default=[], metavar="KEY=VALUE", help="accel.EditConfig field (JSON values)"
+        "--option", action=_OptionPairs, default=[], metavar="KEY=VALUE", help="accel.EditConfig field (JSON values)"
     )
-    edit.add_argument("--steps", type=int, default=None, help="default: 25 for shapes-sd, else 50")
-    edit.add_argument("--guidance", type=float, default=None, help="default: 6 for shapes-sd, else 7.5")
-    edit.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    edit.add_argument("--steps", type=_positive_int, default=None, help="default: 25 for shapes-sd, else 50")
+    edit.add_argument("--guidance", type=_finite_float, default=None, help="default: 6 for shapes-sd, else 7.5")
+    edit.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
     edit.add_argument("--out", default="outputs/edit", help="folder for edited.png, reconstruction.png, results.json")
     edit.set_defaults(run=_run_edit)
     return parser
@@ -91,7 +158,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_edit(args) -> int:
     import torch
-    from PIL import Image
 
     import accel
     from accel.loading import default_call_kwargs
@@ -100,22 +166,23 @@ def _run_edit(args) -> int:
         torch.set_num_threads(args.threads)
     options = parse_options(args.option)
     defaults = default_call_kwargs(args.model)
-    steps = args.steps or defaults.get("num_inference_steps", 50)
+    steps = args.steps if args.steps is not None else defaults.get("num_inference_steps", 50)
     guidance = args.guidance if args.guidance is not None else defaults.get("guidance_scale", 7.5)
-    pipe = accel.load_pipeline(args.model)
-    image = Image.open(args.image).convert("RGB")
-    result = accel.edit(
-        pipe,
-        image,
-        args.source,
-        args.target,
-        method=args.method,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        **options,
-    )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # The image and the output folder are checked before the (possibly long) model load.
+    image = _open_image(args.image)
+    out = _output_folder(args.out)
+    pipe = _load_pipeline(args.model)
+    with _call_errors_as_input_errors():
+        result = accel.edit(
+            pipe,
+            image,
+            args.source,
+            args.target,
+            method=args.method,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            **options,
+        )
     result.image.save(out / "edited.png")
     result.reconstruction.save(out / "reconstruction.png")
     record = {
@@ -135,6 +202,71 @@ def _run_edit(args) -> int:
     print(f"{args.method}: {args.source!r} -> {args.target!r}; blend words {result.blend_words}; {seconds}")
     print(f"wrote {out}/edited.png, reconstruction.png, results.json")
     return 0
+
+
+def _open_image(path_text: str):
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path_text)
+    if not path.is_file():
+        raise InputError(f"--image {path_text}: no such file; give the path of a PNG or JPEG image")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise InputError(f"--image {path_text} could not be read as an image ({error}); give a PNG or JPEG") from None
+
+
+def _output_folder(path_text: str) -> Path:
+    """``--out`` created now, so a path that cannot be a folder fails before generating, not after."""
+    out = Path(path_text)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"--out {path_text} cannot be used as the output folder ({error}); give a folder") from None
+    return out
+
+
+def _load_pipeline(model: str, **kwargs):
+    import accel
+
+    try:
+        return accel.load_pipeline(model, **kwargs)
+    except OSError as error:
+        # A local folder that is not a saved pipeline (no model_index.json) or lacks weight files: diffusers' message
+        # names the missing file. Hub ids are already turned into accel's own error by load_pipeline.
+        from accel.loading import builtin_names
+
+        raise InputError(
+            f"--model {model!r} could not be loaded ({error}); give a folder written by save_pretrained, a hub id "
+            f"or a built-in name: {', '.join(builtin_names())}"
+        ) from None
+
+
+def _checked_device(name: str) -> str:
+    """``name`` if this machine has that device, else an error listing the devices it has."""
+    import torch
+
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available += [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        available.append("mps")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r} is not a device name; available here: {', '.join(available)}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise InputError(f"--device {name}: CUDA is not available ({why}); available here: {', '.join(available)}")
+    usable = (
+        device.type == "cpu"
+        or (device.type == "cuda" and (device.index or 0) < torch.cuda.device_count())
+        or (device.type == "mps" and torch.backends.mps.is_available())
+    )
+    if not usable:
+        raise InputError(f"--device {name} is not available here; available: {', '.join(available)}")
+    return name
 
 
 def _run_methods(args) -> int:
@@ -167,6 +299,8 @@ def _run_compare(args) -> int:
     from accel.compare import compare
 
     prompts = _prompts(args)
+    if args.device is not None:
+        _checked_device(args.device)
     state = None
     if args.distributed:
         from accelerate import PartialState
@@ -186,7 +320,7 @@ def _run_compare(args) -> int:
     # Validate the method before spending time on loading and generating.
     accel.registry.method_info(args.method).config_class.from_options(**options)
 
-    out = Path(args.out)
+    out = _output_folder(args.out)
     # One prompt on one process keeps the flat layout; otherwise prompt i goes to out/i (same on any process count).
     folders = [out] if len(prompts) == 1 and state is None else [out / f"{i:03d}" for i in range(len(prompts))]
     numbered = list(enumerate(prompts))
@@ -196,18 +330,19 @@ def _run_compare(args) -> int:
     else:
         mine = numbered
 
-    pipe = accel.load_pipeline(args.model, dtype=dtype).to(device)
+    pipe = _load_pipeline(args.model, dtype=dtype).to(device)
     rows = []
     for index, prompt in mine:
-        run = compare(
-            pipe,
-            args.method,
-            options,
-            _call_kwargs(args, prompt),
-            model=args.model,
-            seed=args.seed,
-            repeats=args.repeats,
-        )
+        with _call_errors_as_input_errors():
+            run = compare(
+                pipe,
+                args.method,
+                options,
+                _call_kwargs(args, prompt),
+                model=args.model,
+                seed=args.seed,
+                repeats=args.repeats,
+            )
         result = run.summary()
         result["files"] = run.save(folders[index])
         if state is not None:
@@ -244,8 +379,20 @@ def _run_compare(args) -> int:
 def _prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        lines = Path(args.prompts_file).read_text().splitlines()
-        prompts += [line.strip() for line in lines if line.strip()]
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise InputError(
+                f"--prompts-file {args.prompts_file}: no such file; give a text file, one prompt per line"
+            )
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise InputError(f"--prompts-file {args.prompts_file} could not be read as UTF-8 text ({error})") from None
+        from_file = [line.strip() for line in lines if line.strip()]
+        if not from_file:
+            # Falling back to the default prompt would run something the user did not ask for.
+            raise InputError(f"--prompts-file {args.prompts_file} holds no prompts; write one prompt per line")
+        prompts += from_file
     return prompts or [DEFAULT_PROMPT]
 
 

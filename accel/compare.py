@@ -5,6 +5,7 @@ Shared by ``accel compare`` and the Gradio demo, so both report the same numbers
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -119,13 +120,25 @@ def compare(
     """
     from accel.api import patched as patched_context
 
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    steps = call.get("num_inference_steps")
+    if steps is not None and steps < 1:
+        # 0 divides by zero inside the scheduler; a negative count runs no step and would be reported as a result.
+        raise ValueError(f"num_inference_steps (--steps) must be at least 1, got {steps}")
+    # Video pipelines are the ones whose call takes num_frames; they return .frames, image pipelines .images.
+    is_video = "num_frames" in inspect.signature(pipe.__call__).parameters
+    if "num_frames" in call and not is_video:
+        raise ValueError(
+            f"num_frames (--frames) is for video models ({', '.join(_video_builtin_names())}, or another "
+            f"HunyuanVideo pipeline); {type(pipe).__name__} makes images: leave num_frames out"
+        )
     # Patch once before generating: an unsupported model, a bad option or a layer regex matching nothing fails now,
     # not after the unpatched side has run.
     method_info(method).config_class.from_options(**options)
     with patched_context(pipe, method, **options):
         pass
     device = str(denoiser_of(pipe).device)
-    is_video = "num_frames" in call
 
     def generate() -> tuple[float, np.ndarray]:
         generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -144,7 +157,7 @@ def compare(
             pipe(generator=generator, output_type="latent", **{**call, "num_inference_steps": 1})
 
     plain_times, patched_times = [], []
-    for _ in range(max(repeats, 1)):
+    for _ in range(repeats):
         seconds, plain = generate()
         plain_times.append(seconds)
         with patched_context(pipe, method, **options):
@@ -161,10 +174,16 @@ def compare(
         prompt=call.get("prompt", ""),
         steps=call.get("num_inference_steps", 0),
         seed=seed,
-        repeats=max(repeats, 1),
+        repeats=repeats,
         plain_seconds=statistics.median(plain_times),
         patched_seconds=statistics.median(patched_times),
         plain=plain,
         patched=patched,
         is_video=is_video,
     )
+
+
+def _video_builtin_names() -> list[str]:
+    from accel.loading import builtin_names, default_call_kwargs
+
+    return [name for name in builtin_names() if "num_frames" in default_call_kwargs(name)]

@@ -1,0 +1,160 @@
+"""Bad command-line input ends in one line naming the fix (exit code 2), never a traceback, and is never ignored."""
+
+import pytest
+
+from accel.cli import main
+
+TINY = ["--model", "sd15-tiny", "--steps", "2", "--threads", "1"]
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """Exit code and stderr of ``accel ARGV``, whether the error came from argparse (SystemExit) or from a run."""
+    try:
+        code = main(argv)
+    except SystemExit as exit:
+        code = exit.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--steps", "0", "argument --steps: must be at least 1, got 0"),
+        ("--steps", "-3", "argument --steps: must be at least 1, got -3"),
+        ("--repeats", "0", "argument --repeats: must be at least 1, got 0"),
+        ("--threads", "0", "argument --threads: must be at least 1, got 0"),
+        ("--height", "-64", "argument --height: must be at least 1, got -64"),
+        ("--frames", "0", "argument --frames: must be at least 1, got 0"),
+        ("--steps", "two", "argument --steps: expected a whole number of at least 1, got 'two'"),
+        ("--guidance", "nan", "argument --guidance: expected a finite number, got 'nan'"),
+    ],
+)
+def test_compare_refuses_bad_numbers_while_parsing(capsys, tmp_path, flag, value, expected):
+    code, err = run_cli(["compare", *TINY, "--out", str(tmp_path), flag, value], capsys)
+    assert code == 2 and expected in err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--steps", "0", "argument --steps: must be at least 1, got 0"),
+        ("--threads", "-1", "argument --threads: must be at least 1, got -1"),
+        ("--guidance", "inf", "argument --guidance: expected a finite number, got 'inf'"),
+    ],
+)
+def test_edit_refuses_bad_numbers_while_parsing(capsys, tmp_path, flag, value, expected):
+    argv = ["edit", "--model", "sd15-tiny", "--image", "x.png", "--source", "a", "--target", "b", flag, value]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and expected in err
+
+
+@pytest.mark.parametrize("command", ["compare", "edit"])
+def test_option_pairs_are_checked_while_parsing(capsys, command):
+    base = ["edit", "--image", "x.png", "--source", "a", "--target", "b"] if command == "edit" else ["compare"]
+    code, err = run_cli([*base, "--option", "kernel_size"], capsys)
+    assert code == 2 and "expected KEY=VALUE (e.g. kernel_size=16), got 'kernel_size'" in err
+    code, err = run_cli([*base, "--option", "a=1", "--option", "a=2"], capsys)
+    assert code == 2 and "'a' is given twice" in err
+
+
+def test_frames_on_an_image_model_names_the_video_models(capsys, tmp_path):
+    code, err = run_cli(["compare", *TINY, "--frames", "5", "--out", str(tmp_path)], capsys)
+    assert code == 2
+    assert "num_frames (--frames) is for video models (hunyuanvideo-tiny, hunyuanvideo-arch" in err
+    assert "StableDiffusionPipeline makes images" in err
+
+
+def test_device_without_cuda_says_what_is_available(capsys, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, err = run_cli(["compare", *TINY, "--device", "cuda", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--device cuda: CUDA is not available" in err and "available here: cpu" in err
+
+
+def test_device_index_past_the_gpus_there_are(capsys, tmp_path, monkeypatch):
+    import torch
+
+    # The check runs before anything touches a GPU, so one GPU can be pretended on any machine.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    code, err = run_cli(["compare", *TINY, "--device", "cuda:3", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--device cuda:3 is not available here; available: cpu, cuda:0" in err
+
+
+def test_device_that_is_no_device_name(capsys, tmp_path):
+    code, err = run_cli(["compare", *TINY, "--device", "gpu", "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--device 'gpu' is not a device name; available here: cpu" in err
+
+
+def test_prompts_file_missing_or_empty(capsys, tmp_path):
+    missing = tmp_path / "prompts.txt"
+    code, err = run_cli(["compare", *TINY, "--prompts-file", str(missing)], capsys)
+    assert code == 2 and f"--prompts-file {missing}: no such file" in err
+    missing.write_text("\n  \n")
+    code, err = run_cli(["compare", *TINY, "--prompts-file", str(missing)], capsys)
+    assert code == 2 and "holds no prompts; write one prompt per line" in err
+
+
+def test_out_that_is_a_file(capsys, tmp_path):
+    taken = tmp_path / "results"
+    taken.write_text("")
+    code, err = run_cli(["compare", *TINY, "--out", str(taken)], capsys)
+    assert code == 2 and f"--out {taken} cannot be used as the output folder" in err
+
+
+def test_model_folder_that_is_no_pipeline(capsys, tmp_path):
+    code, err = run_cli(["compare", *TINY, "--model", str(tmp_path), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "model_index.json" in err and "built-in name: shapes-sd, sd15-tiny" in err
+
+
+def test_value_error_during_generation_is_one_line(capsys, tmp_path):
+    # The GNA kernel is checked against the token grid only when the first attention call sees that grid.
+    argv = ["compare", "--model", "flux-tiny", "--method", "gna", "--option", "kernel_size=64", "--steps", "2"]
+    code, err = run_cli([*argv, "--threads", "1", "--out", str(tmp_path)], capsys)
+    # stderr also holds diffusers' progress bars; the error is its last line, whole.
+    assert code == 2 and err.strip().splitlines()[-1].startswith("accel: error: gna: transformer_blocks.0.attn")
+    assert "kernel_size 64 is larger than the token grid" in err.strip().splitlines()[-1]
+
+
+def test_other_errors_during_generation_keep_their_traceback(monkeypatch, tmp_path):
+    import accel.compare
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an accel bug")
+
+    monkeypatch.setattr(accel.compare, "compare", broken)
+    with pytest.raises(RuntimeError, match="an accel bug"):
+        main(["compare", *TINY, "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("missing", "no such file; give the path of a PNG or JPEG image"),
+        ("not an image", "could not be read as an image"),
+    ],
+)
+def test_edit_image_missing_or_unreadable(capsys, tmp_path, kind, expected):
+    image = tmp_path / "photo.png"
+    if kind == "not an image":
+        image.write_text("not pixels")
+    argv = ["edit", "--model", "sd15-tiny", "--image", str(image), "--source", "a red circle"]
+    code, err = run_cli([*argv, "--target", "a blue circle", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and f"--image {image}" in err and expected in err
+
+
+def test_compare_function_refuses_what_it_cannot_run(tiny_pipelines):
+    from accel.compare import compare
+
+    pipe = tiny_pipelines["sd15-tiny"]
+    call = {"prompt": "a red circle", "num_inference_steps": 2}
+    with pytest.raises(ValueError, match="repeats must be at least 1, got 0"):
+        compare(pipe, "dense", {}, call, repeats=0)
+    with pytest.raises(ValueError, match=r"num_inference_steps \(--steps\) must be at least 1, got -3"):
+        compare(pipe, "dense", {}, {**call, "num_inference_steps": -3})
+    with pytest.raises(ValueError, match="is for video models"):
+        compare(pipe, "dense", {}, {**call, "num_frames": 5})

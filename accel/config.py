@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -33,6 +34,22 @@ class MethodConfig:
     layers: str | None = None
     version: int = 1
 
+    def __new__(cls, *args: Any, **options: Any) -> MethodConfig:
+        config = super().__new__(cls)
+        # A dataclass field cannot tell a value the user passed from its default, and the conflict checks (e.g.
+        # raunet=False with raunet_switch) must refuse what was asked for, not a default restated; the constructor's
+        # keywords can tell, and __new__ sees them before __post_init__ runs.
+        config._given_options = frozenset(options)
+        return config
+
+    def is_set(self, option: str) -> bool:
+        """Whether ``option`` was passed rather than left at its default (``None`` passed for an option whose
+        default is ``None`` counts as left)."""
+        if option not in getattr(self, "_given_options", ()):
+            return False
+        default = next(f.default for f in dataclasses.fields(self) if f.name == option)
+        return not (default is None and getattr(self, option) is None)
+
     def __post_init__(self) -> None:
         if self.layers is not None:
             if not isinstance(self.layers, str):
@@ -43,7 +60,7 @@ class MethodConfig:
                 raise InvalidOptionError(
                     f"{self.name}: layers={self.layers!r} is not a valid regex ({error})"
                 ) from None
-        if self.version != 1:
+        if isinstance(self.version, bool) or self.version != 1:
             raise InvalidOptionError(f"{self.name}: config version {self.version} is not known; this accel reads 1")
 
     @classmethod
@@ -64,10 +81,10 @@ class MethodConfig:
         return cls(**options)
 
     def replace(self, **options: Any) -> MethodConfig:
-        merged = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        merged.update(options)
-        merged.pop("version")
-        return type(self).from_options(**merged)
+        # Only the options that were set carry over: restating every default would mark it as set, and e.g.
+        # replace(window_size=8) on a config that never named windows would then conflict with windows=2.
+        kept = {name: getattr(self, name) for name in getattr(self, "_given_options", ()) if name != "version"}
+        return type(self).from_options(**{**kept, **options})
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.name, **dataclasses.asdict(self)}
@@ -95,6 +112,9 @@ HIDIFFUSION_BACKENDS = ("auto", "torch", "triton")
 class HiDiffusionConfig(MethodConfig):
     """HiDiffusion for SD 1.x / 2.x / SDXL UNets: RAU-Net and MSW-MSA, for sizes above the training resolution.
 
+    RAU-Net's switches need ``raunet=True`` and the window options (windows, window_size, shift, shift_seed, backend,
+    layers) need ``mswmsa=True``: set where they have no effect, they are refused rather than ignored.
+
     Args:
         raunet (`bool`, defaults to `True`):
             Resolution-aware down/up-sampling of the deep blocks early in the schedule (fewer duplicated objects,
@@ -109,11 +129,12 @@ class HiDiffusionConfig(MethodConfig):
         windows (`int` or `(int, int)`, defaults to `2`):
             Windows per axis (2 gives HiDiffusion's 2x2 windows, 1 gives dense attention).
         window_size (`int` or `(int, int)`, *optional*):
-            Window side in tokens instead of a count; an error if larger than the token grid.
+            Window side in tokens instead of a count (give ``windows`` or ``window_size``, not both); an error if
+            larger than the token grid.
         shift (`str`, defaults to `"random"`):
             ``"random"``: each step shifts windows by 0, 1/4, 1/2 or 3/4 of a window, drawn from a hash of
             (``shift_seed``, step, layer), so results are reproducible; ``"none"``: no shift.
-        shift_seed (`int`, defaults to `0`): seed of the shift draws.
+        shift_seed (`int`, defaults to `0`): seed of the shift draws (an error with ``shift="none"``).
         backend (`str`, defaults to `"auto"`): MSW-MSA's kernel. ``"torch"``: batched SDPA over the windows (any
             device, any size: sides that do not divide are padded and masked); ``"triton"``: the block-sparse kernel
             shared with GNA (GPU), for windows that divide the token grid (other grids take SDPA, with a warning);
@@ -135,23 +156,47 @@ class HiDiffusionConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for option in ("raunet", "mswmsa"):
+            _require_bool(self, option)
         if not (self.raunet or self.mswmsa):
             raise InvalidOptionError("hidiffusion: raunet and mswmsa are both off, so it would do nothing")
         if self.layers is not None and not self.mswmsa:
             raise InvalidOptionError("hidiffusion: layers selects MSW-MSA layers; it has no effect with mswmsa=False")
         for option in ("raunet_switch", "raunet_deep_switch"):
             value = getattr(self, option)
-            if value is not None and not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
+            if value is not None and not (_is_number(value) and 0.0 <= value <= 1.0):
                 raise InvalidOptionError(
                     f"hidiffusion: {option}={value!r} must be a fraction of the schedule in [0, 1] (or None)"
+                )
+            if value is not None and not self.raunet:
+                raise InvalidOptionError(
+                    f"hidiffusion: {option}={value!r} sets RAU-Net's schedule; it has no effect with raunet=False: "
+                    f"drop {option} or turn raunet on"
                 )
         self.windows = _pair(self, "windows", self.windows)
         if self.window_size is not None:
             self.window_size = _pair(self, "window_size", self.window_size)
         if self.shift not in ("random", "none"):
             raise InvalidOptionError(f"hidiffusion: shift={self.shift!r} must be 'random' or 'none'")
-        if not isinstance(self.shift_seed, int):
+        if not isinstance(self.shift_seed, int) or isinstance(self.shift_seed, bool):
             raise InvalidOptionError(f"hidiffusion: shift_seed must be an int, got {self.shift_seed!r}")
+        if not self.mswmsa:
+            for option in ("windows", "window_size", "shift", "shift_seed"):
+                if self.is_set(option):
+                    raise InvalidOptionError(
+                        f"hidiffusion: {option}={getattr(self, option)!r} shapes MSW-MSA's windows; it has no effect "
+                        f"with mswmsa=False: drop {option} or turn mswmsa on"
+                    )
+        if self.is_set("windows") and self.is_set("window_size"):
+            raise InvalidOptionError(
+                f"hidiffusion: windows={self.windows!r} (a count per axis) and window_size={self.window_size!r} (a "
+                "side in tokens) both set the windows; give only one of them"
+            )
+        if self.shift == "none" and self.is_set("shift_seed"):
+            raise InvalidOptionError(
+                f"hidiffusion: shift_seed={self.shift_seed!r} seeds the random window shifts, which shift='none' turns "
+                "off: drop shift_seed or use shift='random'"
+            )
         if self.backend not in HIDIFFUSION_BACKENDS:
             raise InvalidOptionError(
                 f"hidiffusion: backend={self.backend!r} must be one of {', '.join(HIDIFFUSION_BACKENDS)}"
@@ -261,7 +306,8 @@ class AgentConfig(MethodConfig):
 
     Args:
         agent_ratio (`float`, defaults to `1/16`):
-            Agents per token, in (0, 1]. With ``pooling="merge"`` at least ``1 / cell area`` (one agent per cell).
+            Agents per token, in (0, 1]. With ``pooling="merge"`` (also the UNet default) at least
+            ``1 / cell area`` (one agent per cell).
         pooling (`str`, *optional*):
             ``"merge"`` (similarity-guided, AgentSD; UNets only) or ``"grid"`` (adaptive average pooling over the
             token grid). ``None``: ``"merge"`` on UNets, ``"grid"`` on FLUX / HunyuanVideo.
@@ -273,6 +319,7 @@ class AgentConfig(MethodConfig):
         late_merge_ratio (`float`, *optional*):
             Share merged away after ``agent_steps`` (UNets). ``None``: 0.4 on UNets, 0 elsewhere.
         cell (`int` or `(int, int)`, defaults to `4`): token-merging cell (one destination each) while agents run.
+            UNets only, like ``late_cell`` and ``seed``: refused on FLUX / HunyuanVideo.
         late_cell (`int` or `(int, int)`, defaults to `2`): the cell after ``agent_steps``.
         scale_exponent (`float`, defaults to `0.3`):
             The second softmax's scale is ``head_dim ** (-0.5 * scale_exponent)`` (AgentSD's ``k_scale2``).
@@ -312,18 +359,29 @@ class AgentConfig(MethodConfig):
                 raise InvalidOptionError(f"agent: {option}={value!r} must be a share of the tokens in [0, 1)")
         self.cell = _pair(self, "cell", self.cell)
         self.late_cell = _pair(self, "late_cell", self.late_cell)
-        if self.pooling == "merge" and self.agent_ratio < 1 / (self.cell[0] * self.cell[1]):
-            raise InvalidOptionError(
-                f"agent: pooling='merge' makes at least one agent per {self.cell[0]}x{self.cell[1]} cell, "
-                f"so agent_ratio={self.agent_ratio:g} is too small; raise it to ≥ {1 / (self.cell[0] * self.cell[1]):g}"
-                ", enlarge cell, or use pooling='grid'"
-            )
+        if self.pooling == "merge":
+            self.check_merge_pooling()
         if not _is_number(self.scale_exponent) or self.scale_exponent <= 0:
-            raise InvalidOptionError(f"agent: scale_exponent={self.scale_exponent!r} must be a positive number")
+            raise InvalidOptionError(f"agent: scale_exponent={self.scale_exponent!r} must be a positive finite number")
         if not _is_number(self.shortcut):
-            raise InvalidOptionError(f"agent: shortcut={self.shortcut!r} must be a number")
+            raise InvalidOptionError(f"agent: shortcut={self.shortcut!r} must be a finite number")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise InvalidOptionError(f"agent: seed={self.seed!r} must be an int or None")
+
+    def check_merge_pooling(self) -> None:
+        """Refuse an ``agent_ratio`` that merge pooling cannot honour: every cell's destination is an agent, so
+        there are never fewer than one agent per cell, and a smaller ratio would be silently raised to that.
+
+        Called here for an explicit ``pooling="merge"`` and by the UNet family, where merge is the default.
+        """
+        floor = 1 / (self.cell[0] * self.cell[1])
+        if self.agent_ratio < floor:
+            which = "pooling='merge'" if self.pooling == "merge" else "pooling='merge' (the UNet default)"
+            raise InvalidOptionError(
+                f"agent: {which} makes at least one agent per {self.cell[0]}x{self.cell[1]} cell, so "
+                f"agent_ratio={self.agent_ratio:g} is too small; raise it to ≥ {floor:g}, enlarge cell, or use "
+                "pooling='grid'"
+            )
 
 
 VMOBA_BACKENDS = ("auto", "torch", "triton", "reference")
@@ -392,7 +450,18 @@ class VMoBAConfig(MethodConfig):
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    # nan slips past every `value < 0` refusal (each comparison with it is false) and inf past every lower bound;
+    # either ends as a NaN image.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
+
+
+def _require_bool(config: MethodConfig, option: str) -> None:
+    # A string such as "no" is truthy: it would switch the part on, the opposite of what it says.
+    value = getattr(config, option)
+    if not isinstance(value, bool):
+        raise InvalidOptionError(f"{config.name}: {option}={value!r} must be True or False")
 
 
 def _positive_ints(config: MethodConfig, option: str, value) -> int | tuple[int, ...]:
@@ -411,7 +480,12 @@ def _check_regex(config: MethodConfig, option: str, pattern) -> None:
 
 def _pair(config: MethodConfig, option: str, value) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, list | tuple) else None
-    if pair is None or len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
+    # bool is an int to Python, so windows=True would read as 1 window per axis.
+    if (
+        pair is None
+        or len(pair) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair)
+    ):
         raise InvalidOptionError(f"{config.name}: {option}={value!r} must be a positive int or a pair of them")
     return pair
 
@@ -444,7 +518,7 @@ class StructuredConfig(MethodConfig):
         parser (`str`, defaults to `"auto"`):
             ``"spacy"`` (spaCy's noun chunks; needs ``en_core_web_sm``), ``"builtin"`` (cuts at conjunctions,
             prepositions, relation words and commas), ``"auto"``: spaCy when its English model is installed, else
-            the built-in chunker.
+            the built-in chunker. Not with ``noun_phrases``, which needs no parser.
         layers (`str`, *optional*): narrows the cross-attention layers (see `MethodConfig`).
     """
 
@@ -456,17 +530,25 @@ class StructuredConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.noun_phrases is not None:
-            if isinstance(self.noun_phrases, str) or not all(
-                isinstance(p, str) and p.strip() for p in self.noun_phrases
+            # An empty list would quietly mean "no phrases given" and fall back to the parser.
+            if (
+                not isinstance(self.noun_phrases, list | tuple)
+                or not self.noun_phrases
+                or not all(isinstance(p, str) and p.strip() for p in self.noun_phrases)
             ):
                 raise InvalidOptionError(
-                    f"structured: noun_phrases={self.noun_phrases!r} must be a list of phrases, e.g. "
-                    "['a red circle', 'a blue square']"
+                    f"structured: noun_phrases={self.noun_phrases!r} must be a list of phrases, at least one, e.g. "
+                    "['a red circle', 'a blue square'] (or None to find them with parser)"
                 )
             self.noun_phrases = list(self.noun_phrases)
         if self.parser not in STRUCTURED_PARSERS:
             raise InvalidOptionError(
                 f"structured: parser={self.parser!r} must be one of {', '.join(STRUCTURED_PARSERS)}"
+            )
+        if self.noun_phrases is not None and self.is_set("parser"):
+            raise InvalidOptionError(
+                f"structured: parser={self.parser!r} finds the noun phrases, but noun_phrases names them, so the "
+                "parser would not run: drop parser or noun_phrases"
             )
 
 
@@ -512,7 +594,8 @@ class AStarConfig(MethodConfig):
             leaves the pipeline exactly as it is.
         guided_steps (`float`, defaults to `1.0`):
             Fraction of the schedule with updates (A-STAR: all; A&E: the first half, 0.5).
-        threshold (`float`, defaults to `0.7`): binarisation of the smoothed, normalised maps for retention.
+        threshold (`float`, defaults to `0.7`): binarisation of the smoothed, normalised maps for retention
+            (``loss="astar"`` only).
         sharpness (`float`, defaults to `100.0`): temperature of the per-pixel token softmax.
         map_side (`int`, *optional*): UNets: the recorded level whose larger side is nearest this (``None``: 16,
             A&E's level of SD's 64 x 64 latent). Which level's maps mark the objects is the model's own: on the
@@ -536,7 +619,7 @@ class AStarConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.tokens is not None:
-            if isinstance(self.tokens, str | int) or not self.tokens:
+            if not isinstance(self.tokens, list | tuple) or not self.tokens:
                 raise InvalidOptionError(
                     f"astar: tokens={self.tokens!r} must be a non-empty list of words or token indices, e.g. "
                     "['circle', 'square']"
@@ -552,13 +635,18 @@ class AStarConfig(MethodConfig):
         if self.loss not in ASTAR_LOSSES:
             raise InvalidOptionError(f"astar: loss={self.loss!r} must be one of {', '.join(ASTAR_LOSSES)}")
         if not _is_number(self.step_size) or self.step_size < 0:
-            raise InvalidOptionError(f"astar: step_size={self.step_size!r} must be a non-negative number")
+            raise InvalidOptionError(f"astar: step_size={self.step_size!r} must be a non-negative finite number")
         if not _is_number(self.guided_steps) or not 0.0 <= self.guided_steps <= 1.0:
             raise InvalidOptionError(f"astar: guided_steps={self.guided_steps!r} must be a fraction of the schedule")
         if not _is_number(self.threshold) or not 0.0 < self.threshold < 1.0:
             raise InvalidOptionError(f"astar: threshold={self.threshold!r} must be in (0, 1)")
+        if self.loss == "attend_excite" and self.is_set("threshold"):
+            raise InvalidOptionError(
+                f"astar: threshold={self.threshold!r} binarises A-STAR's retention maps, which loss='attend_excite' "
+                "does not use: drop threshold or use loss='astar'"
+            )
         if not _is_number(self.sharpness) or self.sharpness <= 0:
-            raise InvalidOptionError(f"astar: sharpness={self.sharpness!r} must be positive")
+            raise InvalidOptionError(f"astar: sharpness={self.sharpness!r} must be a positive finite number")
         if self.map_side is not None and (
             isinstance(self.map_side, bool) or not isinstance(self.map_side, int) or self.map_side < 1
         ):
@@ -643,6 +731,8 @@ class EditConfig:
 
         if self.method not in EDIT_METHODS:
             fail("method", f"must be one of {', '.join(EDIT_METHODS)}")
+        if not isinstance(self.local_blend, bool):
+            fail("local_blend", "must be True or False")
         for option in ("num_inference_steps", "dpl_clusters", "map_side"):
             value = getattr(self, option)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -653,7 +743,7 @@ class EditConfig:
                 fail(option, "must be a non-negative integer")
         for option in ("guidance_scale", "null_text_lr", "dpl_lr"):
             if not _is_number(getattr(self, option)) or getattr(self, option) < 0:
-                fail(option, "must be a non-negative number")
+                fail(option, "must be a non-negative finite number")
         for option in ("cross_replace", "self_replace", "blend_start", "self_replace_side"):
             if not _is_number(getattr(self, option)) or not 0.0 <= getattr(self, option) <= 1.0:
                 fail(option, "must be a fraction in [0, 1]")
@@ -662,7 +752,7 @@ class EditConfig:
         for option in ("blend_words", "dynamic_words"):
             value = getattr(self, option)
             if value is not None:
-                if isinstance(value, str) or not value or not all(isinstance(w, str) for w in value):
+                if not isinstance(value, list | tuple) or not value or not all(isinstance(w, str) for w in value):
                     fail(option, "must be a non-empty list of words, e.g. ['circle']")
                 setattr(self, option, list(value))
         if self.reweight is not None and (
@@ -671,8 +761,12 @@ class EditConfig:
             fail("reweight", "must map words to factors, e.g. {'green': 2.0}")
         for option in ("dpl_weights", "dpl_targets", "dpl_decays"):
             value = getattr(self, option)
-            if isinstance(value, str) or len(value) != 3 or not all(_is_number(v) and v >= 0 for v in value):
-                fail(option, "must be three non-negative numbers (balance, background, disjoint)")
+            if (
+                not isinstance(value, list | tuple)
+                or len(value) != 3
+                or not all(_is_number(v) and v >= 0 for v in value)
+            ):
+                fail(option, "must be three non-negative finite numbers (balance, background, disjoint)")
             if option == "dpl_decays" and not all(v > 0 for v in value):
                 fail(option, "must be positive")
             setattr(self, option, tuple(float(v) for v in value))

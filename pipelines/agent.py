@@ -21,6 +21,10 @@ def settings_for(config, family: str) -> AgentSettings:
     """``config`` with ``family``'s defaults: AgentSD's recipe on UNets, grid-pooled agents without merging on DiTs."""
     unet = family == "unet"
     pooling = config.pooling or ("merge" if unet else "grid")
+    if unet and config.pooling is None:
+        # The config checks an explicit pooling="merge" itself; the default one is known only here, and under it a
+        # ratio below one agent per cell would be raised to that silently.
+        config.check_merge_pooling()
     if not unet:
         if pooling == "merge":
             raise ValueError(
@@ -30,6 +34,13 @@ def settings_for(config, family: str) -> AgentSettings:
         for option in ("merge_ratio", "late_merge_ratio"):
             if getattr(config, option):
                 raise ValueError(f"agent: {option} is for UNets (token merging); leave it unset on {family}")
+        for option in ("cell", "late_cell", "seed"):
+            # Cells and their seeded destinations belong to token merging, which FLUX / HunyuanVideo do not run.
+            if config.is_set(option):
+                raise ValueError(
+                    f"agent: {option}={getattr(config, option)!r} is for UNets (token-merging cells and their random "
+                    f"destinations); {family} pools agents over the token grid: leave {option} unset"
+                )
     return AgentSettings(
         agent_ratio=config.agent_ratio,
         pooling=pooling,

@@ -220,6 +220,29 @@ def test_odd_sizes_run(sd, size):
     assert out.shape == (1, *size, 3) and np.isfinite(out).all()
 
 
+def test_windows_follow_a_non_square_grid_in_the_pipeline(sd, monkeypatch):
+    # The window kernel is checked against its reference above; here, that the processor hands it the level's
+    # grid the right way round (rows, cols) on a non-square image, with tokens in row-major order.
+    import accel.processors.hidiffusion as window_module
+
+    windowed, calls = window_module.shifted_window_attention, []
+
+    def checked(query, key, value, grid, windows, shift, backend):
+        out = windowed(query, key, value, grid, windows, shift, backend)
+        reference = shifted_window_attention_reference(query, key, value, grid, windows, shift)
+        calls.append((grid, windows, shift, (out - reference).abs().max().item()))
+        return out
+
+    monkeypatch.setattr(window_module, "shifted_window_attention", checked)
+    height, width = 128, 192
+    with accel.patched(sd, "hidiffusion", raunet=False, backend="torch"):
+        generate(sd, (height, width), steps=2)
+    top = (height // sd.vae_scale_factor, width // sd.vae_scale_factor)
+    assert calls and {grid for grid, *_ in calls} == {top}
+    assert all(windows == (2, 2) and error <= 1e-5 for _, windows, _, error in calls)
+    assert any(shift[0] != shift[1] for _, _, shift, _ in calls)  # the shifts differ per axis with the window
+
+
 def test_shifts_are_reproducible_and_leave_the_global_rng_alone(sd):
     accel.patch(sd, "hidiffusion")
     state = torch.random.get_rng_state()

@@ -12,8 +12,28 @@ from typing import Any, ClassVar
 from accel.errors import InvalidOptionError
 
 
+class _KnowsGivenOptions:
+    """A config that can tell the options its constructor was given from defaults left alone."""
+
+    def __new__(cls, *args: Any, **options: Any):
+        config = super().__new__(cls)
+        # A dataclass field cannot tell a value the user passed from its default, and the conflict checks (e.g.
+        # raunet=False with raunet_switch) must refuse what was asked for, not a default restated; the constructor's
+        # keywords can tell, and __new__ sees them before __post_init__ runs.
+        config._given_options = frozenset(options)
+        return config
+
+    def is_set(self, option: str) -> bool:
+        """Whether ``option`` was passed rather than left at its default (``None`` passed for an option whose
+        default is ``None`` counts as left)."""
+        if option not in getattr(self, "_given_options", ()):
+            return False
+        default = next(f.default for f in dataclasses.fields(self) if f.name == option)
+        return not (default is None and getattr(self, option) is None)
+
+
 @dataclass(kw_only=True)
-class MethodConfig:
+class MethodConfig(_KnowsGivenOptions):
     """Base of every method's configuration.
 
     Subclasses set the class attribute ``name`` (the registry name, e.g. ``"dense"``) and add their own fields,
@@ -33,22 +53,6 @@ class MethodConfig:
 
     layers: str | None = None
     version: int = 1
-
-    def __new__(cls, *args: Any, **options: Any) -> MethodConfig:
-        config = super().__new__(cls)
-        # A dataclass field cannot tell a value the user passed from its default, and the conflict checks (e.g.
-        # raunet=False with raunet_switch) must refuse what was asked for, not a default restated; the constructor's
-        # keywords can tell, and __new__ sees them before __post_init__ runs.
-        config._given_options = frozenset(options)
-        return config
-
-    def is_set(self, option: str) -> bool:
-        """Whether ``option`` was passed rather than left at its default (``None`` passed for an option whose
-        default is ``None`` counts as left)."""
-        if option not in getattr(self, "_given_options", ()):
-            return False
-        default = next(f.default for f in dataclasses.fields(self) if f.name == option)
-        return not (default is None and getattr(self, option) is None)
 
     def __post_init__(self) -> None:
         if self.layers is not None:
@@ -657,12 +661,13 @@ EDIT_METHODS = ("dpl", "p2p")
 
 
 @dataclass(kw_only=True)
-class EditConfig:
+class EditConfig(_KnowsGivenOptions):
     """Editing a real image with ``accel.edit`` (SD 1.x / 2.x): null-text inversion, then Prompt-to-Prompt, with
     Dynamic Prompt Learning's noun tokens (``method="dpl"``) or without (``"p2p"``).
 
     Defaults are the references' (Prompt-to-Prompt's null-text notebook; DPL's ``DPL.sh``), with schedule-relative
-    settings given as fractions of the schedule so that any step count keeps their meaning.
+    settings given as fractions of the schedule so that any step count keeps their meaning. Options of a part that
+    does not run (DPL's with ``method="p2p"``, the blend's with ``local_blend=False``) are refused, not ignored.
 
     Args:
         method (`str`, defaults to `"dpl"`): ``"dpl"`` or ``"p2p"`` (null-text inversion + Prompt-to-Prompt).
@@ -770,6 +775,23 @@ class EditConfig:
             if option == "dpl_decays" and not all(v > 0 for v in value):
                 fail(option, "must be positive")
             setattr(self, option, tuple(float(v) for v in value))
+        dpl_options = (
+            "dynamic_words",
+            "dpl_steps",
+            "dpl_lr",
+            "dpl_weights",
+            "dpl_targets",
+            "dpl_decays",
+            "dpl_clusters",
+        )
+        if self.method == "p2p":
+            for option in dpl_options:
+                if self.is_set(option):
+                    fail(option, "sets Dynamic Prompt Learning, which method='p2p' does not run: drop it or use 'dpl'")
+        if not self.local_blend:
+            for option in ("blend_words", "blend_threshold", "blend_start"):
+                if self.is_set(option):
+                    fail(option, "shapes the local blend, which local_blend=False turns off: drop it or blend")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

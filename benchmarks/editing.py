@@ -92,7 +92,8 @@ def run(args) -> dict:
         pictures = [case["image"]]
         for method in args.methods:
             started = time.perf_counter()
-            result = accel.edit(pipe, case["image"], case["scene"].caption, case["target"], method=method, **settings)
+            options = {k: v for k, v in settings.items() if method == "dpl" or not k.startswith(("dpl_", "dynamic_"))}
+            result = accel.edit(pipe, case["image"], case["scene"].caption, case["target"], method=method, **options)
             row = score(case, result) | {"case": index, "source": case["scene"].caption, "target": case["target"]}
             rows[method].append(row)
             if method == args.methods[0]:

@@ -97,9 +97,8 @@ def test_same_prompt_without_blend_edits_nothing_exactly(shapes_pipe, case, meth
         num_inference_steps=4,
         local_blend=False,
         null_text_steps=2,
-        dpl_steps=2,
-        dpl_lr=0.05,
         guidance_scale=6.0,
+        **({"dpl_steps": 2, "dpl_lr": 0.05} if method == "dpl" else {}),
     )
     assert np.array_equal(np.asarray(result.image), np.asarray(result.reconstruction))
     assert result.blend_mask is None
@@ -209,6 +208,14 @@ def test_bad_input_is_refused_with_the_fix(shapes_pipe, case, tiny_pipelines):
         assert type(unet.attn_processors[layer]) is CustomProcessor
     finally:
         unet.set_attn_processor(dict(originals))
+
+
+def test_options_of_a_part_that_does_not_run_are_refused(shapes_pipe, case):
+    scene, image = case
+    with pytest.raises(accel.InvalidOptionError, match="dpl_lr=0.01 sets Dynamic Prompt Learning"):
+        accel.edit(shapes_pipe, image, scene.caption, scene.caption, method="p2p", dpl_lr=0.01)
+    with pytest.raises(accel.InvalidOptionError, match="blend_start=0.5 shapes the local blend"):
+        accel.edit(shapes_pipe, image, scene.caption, scene.caption, local_blend=False, blend_start=0.5)
 
 
 def test_unknown_option_names_the_closest(shapes_pipe, case):

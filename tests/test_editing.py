@@ -1,5 +1,7 @@
 """accel.edit: prompt alignment, the editing kernels, and null-text inversion / Prompt-to-Prompt / DPL on shapes-sd."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -253,8 +255,11 @@ def test_cli_edit_writes_the_images(tmp_path, case):
         ]
     )
     assert code == 0
-    assert Image.open(tmp_path / "out" / "edited.png").size == (64, 64)
-    assert (tmp_path / "out" / "results.json").is_file()
+    edited = np.asarray(Image.open(tmp_path / "out" / "edited.png"), dtype=np.float64)
+    reconstruction = np.asarray(Image.open(tmp_path / "out" / "reconstruction.png"), dtype=np.float64)
+    assert edited.shape == (64, 64, 3) and np.abs(edited - reconstruction).max() > 10  # the edit changed something
+    record = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert record["target"] == target and record["blend_words"]
 
 
 def test_maps_are_read_at_the_level_nearest_map_side():

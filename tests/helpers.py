@@ -105,3 +105,18 @@ def losses_over_latent_updates(record_maps, concept_maps, latent, loss_name: str
         losses.append(loss.item())
         latent = latent - 20.0 * gradient
     return losses
+
+
+def controlnet_pipeline(sd):
+    """An SD ControlNet pipeline on ``sd``'s components whose ControlNet matters: a fresh one's zero convolutions
+    output zeros, so they get small random weights (seeded)."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(sd.unet).eval()
+    with torch.no_grad():
+        for block in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
+            block.weight.normal_(0, 0.05)
+    pipe = StableDiffusionControlNetPipeline(**sd.components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

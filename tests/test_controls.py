@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import generate_shapes, losses_over_latent_updates
+from helpers import controlnet_pipeline, generate_shapes, losses_over_latent_updates
 
 import accel
 from accel.kernels import controls
@@ -263,12 +263,7 @@ def test_an_interrupted_call_leaves_no_update_for_the_next(shapes_pipe):
 
 @pytest.mark.parametrize("kind", ["inpaint", "controlnet"])
 def test_astar_guides_inpainting_and_controlnet_pipelines(tiny_pipelines, kind):
-    from diffusers import (
-        ControlNetModel,
-        StableDiffusionControlNetPipeline,
-        StableDiffusionInpaintPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
 
     sd = tiny_pipelines["sd15-tiny"]
     torch.manual_seed(0)
@@ -279,11 +274,7 @@ def test_astar_guides_inpainting_and_controlnet_pipelines(tiny_pipelines, kind):
         mask[..., 32:96, 32:96] = 1
         inputs = {"image": torch.rand(1, 3, 128, 128), "mask_image": mask}
     else:
-        controlnet = ControlNetModel.from_unet(sd.unet).eval()
-        with torch.no_grad():  # a fresh ControlNet outputs zeros; weights make its residuals matter
-            for block in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
-                block.weight.normal_(0, 0.05)
-        pipe = StableDiffusionControlNetPipeline(**sd.components, controlnet=controlnet)
+        pipe = controlnet_pipeline(sd)
         inputs = {"image": torch.rand(1, 3, 128, 128)}
     pipe.set_progress_bar_config(disable=True)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import model_fingerprint
+from helpers import controlnet_pipeline, model_fingerprint
 
 import accel
 from accel.kernels.windows import shifted_window_attention, shifted_window_attention_reference
@@ -282,16 +282,7 @@ def test_other_families_are_refused(tiny_pipelines):
 
 
 def test_controlnet_residuals_follow_raunet(sd, monkeypatch):
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-
-    torch.manual_seed(0)
-    controlnet = ControlNetModel.from_unet(sd.unet).eval()
-    # A fresh ControlNet's zero convolutions output zeros: give them weights so the residuals matter.
-    with torch.no_grad():
-        for block in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
-            block.weight.normal_(0, 0.05)
-    pipe = StableDiffusionControlNetPipeline(**sd.components, controlnet=controlnet)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = controlnet_pipeline(sd)
     control = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
 
     def run(**call):

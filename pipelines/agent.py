@@ -41,12 +41,29 @@ def settings_for(config, family: str) -> AgentSettings:
                     f"agent: {option}={getattr(config, option)!r} is for UNets (token-merging cells and their random "
                     f"destinations); {family} pools agents over the token grid: leave {option} unset"
                 )
+    merge_ratio = (0.4 if unet else 0.0) if config.merge_ratio is None else config.merge_ratio
+    late_merge_ratio = (0.4 if unet else 0.0) if config.late_merge_ratio is None else config.late_merge_ratio
+    if unet:
+        # Cells and the seeded destinations exist only where tokens are matched: merging, or merge-pooled agents.
+        early_matching = merge_ratio > 0 or pooling == "merge"
+        unused = {
+            "cell": not early_matching,
+            "late_cell": late_merge_ratio == 0,
+            "seed": not early_matching and late_merge_ratio == 0,
+        }
+        for option, is_unused in unused.items():
+            if is_unused and config.is_set(option):
+                raise ValueError(
+                    f"agent: {option}={getattr(config, option)!r} shapes token merging, which does not run where it "
+                    f"would apply with pooling={pooling!r}, merge_ratio={merge_ratio} and late_merge_ratio="
+                    f"{late_merge_ratio}: leave {option} unset, or merge"
+                )
     return AgentSettings(
         agent_ratio=config.agent_ratio,
         pooling=pooling,
         agent_steps=config.agent_steps,
-        merge_ratio=(0.4 if unet else 0.0) if config.merge_ratio is None else config.merge_ratio,
-        late_merge_ratio=(0.4 if unet else 0.0) if config.late_merge_ratio is None else config.late_merge_ratio,
+        merge_ratio=merge_ratio,
+        late_merge_ratio=late_merge_ratio,
         cell=config.cell,
         late_cell=config.late_cell,
         scale_exponent=config.scale_exponent,

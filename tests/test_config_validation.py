@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import accel
@@ -182,3 +184,18 @@ def test_agent_ratio_takes_effect_where_merge_pooling_can_honour_it(tiny_pipelin
 )
 def test_agent_merging_options_are_refused_on_transformers(tiny_pipelines, model, options, words):
     _refused_and_untouched(tiny_pipelines[model], "agent", options, words)
+
+
+@pytest.mark.parametrize(
+    ("options", "unused"),
+    [
+        ({"pooling": "grid", "merge_ratio": 0, "late_merge_ratio": 0, "cell": 8}, "cell=(8, 8)"),
+        ({"pooling": "grid", "merge_ratio": 0, "late_merge_ratio": 0, "seed": 3}, "seed=3"),
+        ({"late_merge_ratio": 0, "late_cell": 4}, "late_cell=(4, 4)"),
+    ],
+)
+def test_agent_merging_options_are_refused_on_unets_where_nothing_merges(tiny_pipelines, options, unused):
+    pipe = tiny_pipelines["sd15-tiny"]
+    with pytest.raises(InvalidOptionError, match=re.escape(unused) + " shapes token merging, which does not run"):
+        accel.patch(pipe, "agent", **options)
+    assert accel.get_patch(pipe) is None

@@ -35,7 +35,8 @@ def edit(
         `accel.pipelines.editing.EditResult`: ``image`` (edited), ``reconstruction`` (the source branch), the blend
         mask, DPL's background, the words used, per-step losses and timings. The pipeline is left as it was.
     """
-    from accel.pipelines.editing import run_edit
+    from accel.api import get_patch
+    from accel.pipelines.editing import check_pipeline, run_edit
 
     if config is not None and options:
         raise InvalidOptionError("accel.edit: pass either config=EditConfig(...) or keyword options, not both")
@@ -52,4 +53,7 @@ def edit(
     for name, prompt in (("source_prompt", source_prompt), ("target_prompt", target_prompt)):
         if not isinstance(prompt, str) or not prompt.strip():
             raise InvalidOptionError(f"accel.edit: {name} must be a non-empty string, got {prompt!r}")
+    check_pipeline(pipe)
+    if get_patch(pipe) is not None:
+        raise InvalidOptionError("accel.edit: the pipeline is patched; call accel.unpatch(pipe) first")
     return run_edit(pipe, image, source_prompt, target_prompt, config)

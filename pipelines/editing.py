@@ -265,10 +265,6 @@ class _Words:
 def run_edit(pipe, image, source: str, target: str, config) -> EditResult:
     """``accel.edit``'s work (``config``: an ``accel.EditConfig``)."""
     check_pipeline(pipe)
-    from accel.api import get_patch
-
-    if get_patch(pipe) is not None:
-        raise InvalidOptionError("accel.edit: the pipeline is patched; call accel.unpatch(pipe) first")
     tokenizer = pipe.tokenizer
     alignment = align_prompts(tokenizer, source, target)
     source_words, target_words = prompt_words(tokenizer, source), prompt_words(tokenizer, target)

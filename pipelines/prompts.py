@@ -25,6 +25,7 @@ class PromptWord:
     text: str
     index: int  # position among the prompt's words
     tokens: tuple[int, ...]  # positions in the tokenized prompt (BOS included in the count)
+    core: tuple[int, ...] = ()  # the tokens of the word without punctuation around it ("circle," -> circle's)
 
 
 def prompt_span(tokenizer, prompt: str, max_length: int | None = None) -> tuple[int, int]:
@@ -56,9 +57,24 @@ def prompt_words(tokenizer, prompt: str, max_length: int | None = None) -> list[
         count = len(_token_ids(tokenizer, " ".join(words[: index + 1]), special=False))
         if count > limit:
             break
-        result.append(PromptWord(word, index, tuple(range(offset + used, offset + count))))
+        tokens = tuple(range(offset + used, offset + count))
+        core = tokens
+        bare = word.strip(_PUNCTUATION)
+        if bare and bare != word:
+            # A subject's map must not average in the comma after it: count the tokens up to the bare word's edges.
+            lead = word[: len(word) - len(word.lstrip(_PUNCTUATION))]
+            start = len(_token_ids(tokenizer, " ".join([*words[:index], lead]), special=False)) if lead else used
+            end = len(_token_ids(tokenizer, " ".join([*words[:index], lead + bare]), special=False))
+            if used <= start < end <= count:
+                core = tuple(range(offset + start, offset + end))
+        result.append(PromptWord(word, index, tokens, core))
         used = count
     return result
+
+
+def token_count(tokenizer, text: str) -> int:
+    """How many tokens ``text`` takes on its own, special tokens left out."""
+    return len(_token_ids(tokenizer, text, special=False))
 
 
 def word_positions(
@@ -66,12 +82,14 @@ def word_positions(
 ) -> list[tuple[int, ...]]:
     """Token positions of each requested word (or token index, given as an int).
 
-    A word matches a prompt word case-insensitively, ignoring punctuation around it; the first occurrence is used.
-    Raises `InvalidOptionError` listing the prompt's words for a word that is not in it, and for a token index
-    outside the prompt's own tokens (``prompt_span``).
+    A word matches a prompt word case-insensitively, ignoring punctuation around it (which is left out of its
+    tokens); a word asked for k times takes its first k occurrences in order ("a red circle and a blue circle":
+    ``["circle", "circle"]`` is both circles). Raises `InvalidOptionError` listing the prompt's words for a word that
+    is not in it (or not that many times), and for a token index outside the prompt's own tokens (``prompt_span``).
     """
     found = prompt_words(tokenizer, prompt, max_length)
     positions = []
+    taken: set[int] = set()
     for word in words:
         if isinstance(word, int) and not isinstance(word, bool):
             first, end = prompt_span(tokenizer, prompt, max_length)
@@ -82,16 +100,23 @@ def word_positions(
             positions.append((word,))
             continue
         wanted = _normalise(str(word))
-        match = next((w for w in found if _normalise(w.text) == wanted), None)
+        occurrences = [w for w in found if _normalise(w.text) == wanted]
+        match = next((w for w in occurrences if w.index not in taken), None)
         if match is None:
             listed = ", ".join(repr(w.text) for w in found)
             cut = len(prompt.split()) - len(found)
             encoded = max_length or tokenizer.model_max_length
             truncated = f" (the {cut} words after those do not fit the {encoded} tokens encoded)" if cut else ""
+            if occurrences:
+                raise InvalidOptionError(
+                    f"{word!r} is asked for {sum(_normalise(str(w)) == wanted for w in words)} times but the prompt "
+                    f"{prompt!r} has it {len(occurrences)}x{truncated}; name each occurrence once"
+                )
             raise InvalidOptionError(
                 f"{word!r} is not a word of the prompt {prompt!r}; its words are: {listed}{truncated}"
             )
-        positions.append(match.tokens)
+        taken.add(match.index)
+        positions.append(match.core or match.tokens)
     return positions
 
 
@@ -109,7 +134,7 @@ def phrase_positions(tokenizer, prompt: str, max_length: int | None = None) -> l
             position
             for word in found[phrase.words[0] : phrase.words[1]]
             if _normalise(word.text) not in _FUNCTION_WORDS
-            for position in word.tokens
+            for position in word.core or word.tokens
         )
         if tokens:
             positions.append(tokens)
@@ -202,8 +227,11 @@ def _spacy_english():
         return None
 
 
+_PUNCTUATION = ".,;:!?\"'()"
+
+
 def _normalise(word: str) -> str:
-    return word.strip(".,;:!?\"'()").lower()
+    return word.strip(_PUNCTUATION).lower()
 
 
 def _bos_offset(tokenizer, ids: list[int]) -> int:

@@ -22,7 +22,14 @@ from diffusers.hooks import ModelHook
 
 from accel.errors import InvalidOptionError
 from accel.pipelines.controls import CacheContextName, PromptEncoding, RecentEncodings
-from accel.pipelines.prompts import NounPhrase, explicit_phrases, noun_phrases, observe_encode_prompt, prompt_words
+from accel.pipelines.prompts import (
+    NounPhrase,
+    explicit_phrases,
+    noun_phrases,
+    observe_encode_prompt,
+    prompt_words,
+    token_count,
+)
 from accel.processors.structured import StructuredValues
 
 TEXT_HOOK_NAME = "accel_structured_text"
@@ -34,16 +41,27 @@ def aligned_values(
     phrase_embeddings: list[torch.Tensor],
     word_tokens: list[tuple[int, ...]],
     phrase_offset: int,
+    phrase_token_counts: list[int],
+    explicit: bool = False,
 ) -> torch.Tensor:
     """``[1, T, D]``: the mean of the prompt embedding and, per phrase, a copy with the phrase's own encoding
-    (``phrase_embeddings[i]``, ``[1, T, D]``, its tokens from ``phrase_offset``) written over the phrase's tokens."""
+    (``phrase_embeddings[i]``, ``[1, T, D]``, its ``phrase_token_counts[i]`` tokens from ``phrase_offset``) written
+    over the phrase's tokens. A phrase past the encoder's limit is skipped, or refused when the user named it
+    (``explicit``)."""
     copies = [prompt_embedding]
-    for phrase, own in zip(phrases, phrase_embeddings, strict=True):
+    for phrase, own, own_count in zip(phrases, phrase_embeddings, phrase_token_counts, strict=True):
         first, last = phrase.words
         covered = [t for word in range(first, min(last, len(word_tokens))) for t in word_tokens[word]]
         if not covered:
-            continue  # the phrase lies past the tokenizer's limit
-        start, count = covered[0], len(covered)
+            if explicit:
+                raise InvalidOptionError(
+                    f"structured: the noun phrase {phrase.text!r} lies past the {len(word_tokens)} words the text "
+                    "encoder reads of this prompt; shorten the prompt or leave the phrase out"
+                )
+            continue
+        # The phrase's text may drop punctuation its words carry in the prompt ("a red circle," -> "a red circle"):
+        # only its own tokens are written, never its EOS over the comma.
+        start, count = covered[0], min(len(covered), own_count)
         copy = prompt_embedding.clone()
         copy[:, start : start + count] = own[:, phrase_offset : phrase_offset + count]
         copies.append(copy)
@@ -90,7 +108,10 @@ def encode_prompt_wrapper(pipe, shared: StructuredValues, phrases_option: list[s
             # A phrase that is the whole prompt encodes to the prompt itself: its copy is the embedding.
             own = [embedding if p.words == (0, whole) else encode_alone(p.text) for p in phrases]
             offset = 1 if pipe.tokenizer.bos_token_id is not None else 0
-            values = aligned_values(embedding, phrases, own, [w.tokens for w in words], offset)
+            counts = [token_count(pipe.tokenizer, p.text) for p in phrases]
+            values = aligned_values(
+                embedding, phrases, own, [w.tokens for w in words], offset, counts, bool(phrases_option)
+            )
             rows.append(values.expand(per_prompt, -1, -1))
         shared.prompt_embeds = out[0]
         shared.values = torch.cat(rows)
@@ -136,7 +157,10 @@ def flux_encode_prompt_wrapper(pipe, encodings: RecentEncodings, phrases_option:
                 whole = len(text.split())
                 own = [embedding if p.words == (0, whole) else encode_alone(p.text) for p in phrases]
                 # T5 has no BOS: a phrase encoded alone starts at token 0.
-                values = aligned_values(embedding, phrases, own, [w.tokens for w in words], 0)
+                counts = [token_count(pipe.tokenizer_2, p.text) for p in phrases]
+                values = aligned_values(
+                    embedding, phrases, own, [w.tokens for w in words], 0, counts, bool(phrases_option)
+                )
                 rows.append(values.expand(per_prompt, -1, -1))
         except InvalidOptionError as error:
             encodings.add(PromptEncoding(out[0], error=error))

@@ -46,6 +46,21 @@ def test_token_positions_of_multi_token_words(tiny_pipelines):
         word_positions(tokenizer, prompt, ["dog"])
 
 
+def test_repeated_words_take_their_occurrences_in_order_and_leave_punctuation_out(tiny_pipelines):
+    from accel.pipelines.controls import prompt_rows
+
+    tokenizer = tiny_pipelines["sd15-tiny"].tokenizer
+    # One token per word here: BOS, then a=1 red=2 circle=3 and=4 a=5 blue=6 circle=7.
+    assert word_positions(tokenizer, "a red circle and a blue circle", ["circle", "circle"]) == [(3,), (7,)]
+    # The default subjects (each phrase's head noun) are both circles, not the first one twice.
+    assert prompt_rows(tokenizer, "a red circle and a blue circle", 1, None, None).positions == [[(3,), (7,)]]
+    with pytest.raises(InvalidOptionError, match="'circle' is asked for 2 times but the prompt .* has it 1x"):
+        word_positions(tokenizer, "a red circle", ["circle", "circle"])
+    words = prompt_words(tokenizer, "a red Circle, and a blue square.")
+    assert words[2].tokens == (3, 4) and words[2].core == (3,)  # "Circle," is the word and its comma
+    assert word_positions(tokenizer, "a red Circle, and a blue square.", ["circle", "square"]) == [(3,), (8,)]
+
+
 def test_a_single_noun_phrase_is_the_unpatched_pipeline(shapes_pipe):
     for prompt in ("a red circle", "two blue squares"):
         reference = generate_shapes(shapes_pipe, prompt)
@@ -123,3 +138,20 @@ def test_unpatch_restores_the_pipeline_and_misuse_is_refused(shapes_pipe, tiny_p
     with pytest.raises(InvalidOptionError, match="must be a list of phrases"):
         accel.patch(shapes_pipe, "structured", noun_phrases="a red circle")
     assert accel.get_patch(shapes_pipe) is None
+
+
+def test_phrases_write_their_own_tokens_only_and_named_ones_must_fit(shapes_pipe):
+    from accel.pipelines.prompts import NounPhrase
+    from accel.pipelines.structured import aligned_values
+
+    # "a red circle," is 4 prompt tokens (the comma included) but its phrase text "a red circle" encodes to 3 and
+    # an EOS: the comma keeps the prompt's embedding.
+    prompt_embedding, own = torch.zeros(1, 10, 2), torch.ones(1, 10, 2)
+    phrase = NounPhrase("a red circle", (0, 3))
+    words = [(1,), (2,), (3, 4), (5,)]
+    values = aligned_values(prompt_embedding, [phrase], [own], words, 1, [3])
+    assert values[0, 1:4].eq(0.5).all() and values[0, 4].eq(0).all()
+    long_prompt = " ".join(["big"] * 80) + " and a green star"
+    with accel.patched(shapes_pipe, "structured", noun_phrases=["a green star"]):
+        with pytest.raises(InvalidOptionError, match="'a green star' lies past the"):
+            generate_shapes(shapes_pipe, long_prompt, steps=1)

@@ -124,7 +124,14 @@ def patch(target: Any, method: MethodSpec | Sequence[MethodSpec] | None = None, 
     _check_replaceable(plan, family, originals)
     if previous is not None:
         previous.remove()
-    return _commit(plan, configs, originals)
+    try:
+        return _commit(plan, configs, originals)
+    except Exception:
+        if previous is not None:
+            # All or nothing: a re-patch that fails while installing leaves the earlier patch on.
+            earlier = previous._pipeline() if previous._pipeline is not None else None
+            patch(earlier if earlier is not None else denoiser, list(previous.configs))
+        raise
 
 
 def unpatch(target: Any) -> None:

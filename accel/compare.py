@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from accel import metrics
+from accel.errors import InvalidOptionError
 from accel.registry import method_info
 
 
@@ -132,6 +133,14 @@ def compare(
         raise ValueError(
             f"num_frames (--frames) is for video models ({', '.join(_video_builtin_names())}, or another "
             f"HunyuanVideo pipeline); {type(pipe).__name__} makes images: leave num_frames out"
+        )
+    from accel.api import get_patch
+
+    if get_patch(pipe) is not None:
+        # Its "unpatched" side would run that patch, and the speed-up and PSNR would compare two patches.
+        raise InvalidOptionError(
+            "compare: the pipeline is already patched; call accel.unpatch(pipe) first (compare patches the patched "
+            "side itself)"
         )
     # Patch once before generating: an unsupported model, a bad option or a layer regex matching nothing fails now,
     # not after the unpatched side has run.

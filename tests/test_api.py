@@ -181,6 +181,27 @@ def test_bad_methods_and_options_leave_the_model_untouched(sd, method, options, 
     assert previous.active
 
 
+def test_a_re_patch_that_fails_while_installing_keeps_the_earlier_patch(sd, monkeypatch):
+    import accel.api as api
+
+    accel.patch(sd, "agent")
+    agent_output = generate(sd, "sd15-tiny")
+    installed = api.install_hook
+
+    def failing(module, hook, name):
+        if name != api.STEP_HOOK_NAME:
+            raise RuntimeError("hook registry refused")
+        return installed(module, hook, name)
+
+    monkeypatch.setattr(api, "install_hook", failing)
+    with pytest.raises(RuntimeError, match="hook registry refused"):
+        accel.patch(sd, "astar")  # astar adds its guidance hook after the step hook
+    monkeypatch.setattr(api, "install_hook", installed)
+    handle = accel.get_patch(sd)
+    assert handle is not None and [c.name for c in handle.configs] == ["agent"]
+    assert np.array_equal(generate(sd, "sd15-tiny"), agent_output)
+
+
 def test_a_foreign_processor_is_never_silently_replaced(sd):
     from diffusers.models.attention_processor import AttnProcessor2_0
 

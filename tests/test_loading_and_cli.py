@@ -78,6 +78,16 @@ def test_compare_refuses_an_unsupported_method_before_generating(tiny_pipelines,
     assert calls == [] and accel.get_patch(pipe) is None
 
 
+def test_compare_refuses_an_already_patched_pipeline(tiny_pipelines):
+    from accel.compare import compare
+
+    pipe = tiny_pipelines["sd15-tiny"]
+    with accel.patched(pipe, "agent"):
+        with pytest.raises(accel.InvalidOptionError, match="already patched; call accel.unpatch"):
+            compare(pipe, "dense", {}, {"prompt": "a red circle", "num_inference_steps": 2})
+        assert accel.get_patch(pipe) is not None
+
+
 def test_compare_dense_is_exact_and_records_the_run(tiny_pipelines, tmp_path):
     from accel.compare import compare
 

@@ -34,6 +34,7 @@ from accel.errors import InvalidOptionError
 from accel.kernels import controls
 from accel.pipelines.hooks import STEP_HOOK_NAME
 from accel.pipelines.prompts import (
+    head_noun_positions,
     noun_phrases,
     observe_encode_prompt,
     phrase_positions,
@@ -159,11 +160,6 @@ class PromptRows:
     spans: list[tuple[int, int]]
 
 
-def subject_words(prompt: str) -> list[str]:
-    """Default subjects: the last word (head noun) of each noun phrase of the prompt."""
-    return [phrase.text.split()[-1] for phrase in noun_phrases(prompt)]
-
-
 def encoded_text(arguments: dict, inputs: DenoiserInputs) -> str | list[str] | None:
     """The text the denoiser's text tokens come from (FLUX: ``prompt_2`` for T5 when given, else ``prompt``)."""
     text = arguments.get(inputs.text_argument)
@@ -222,12 +218,21 @@ def prompt_rows(
     per_prompt = rows // len(prompts)
     positions, spans = [], []
     for prompt in prompts:
-        # Either gives [] for a prompt without noun phrases.
-        if tokens is None and subjects == "phrases":
-            found = phrase_positions(tokenizer, prompt, max_length)
+        # The defaults give [] for a prompt without noun phrases.
+        if tokens is not None:
+            found = word_positions(tokenizer, prompt, tokens, max_length)
         else:
-            words = tokens if tokens is not None else subject_words(prompt)
-            found = word_positions(tokenizer, prompt, words, max_length)
+            found = (phrase_positions if subjects == "phrases" else head_noun_positions)(tokenizer, prompt, max_length)
+            phrases = len(noun_phrases(prompt))
+            if len(found) < phrases:
+                logger.warning(
+                    "%d of the %d noun phrases of %r lie past the %d tokens the text encoder reads and are not "
+                    "guided; shorten the prompt or name the subjects with tokens=[...]",
+                    phrases - len(found),
+                    phrases,
+                    prompt,
+                    max_length or tokenizer.model_max_length,
+                )
         span = prompt_span(tokenizer, prompt, max_length)
         positions += [found] * per_prompt
         spans += [span] * per_prompt

@@ -141,6 +141,14 @@ def phrase_positions(tokenizer, prompt: str, max_length: int | None = None) -> l
     return positions
 
 
+def head_noun_positions(tokenizer, prompt: str, max_length: int | None = None) -> list[tuple[int, ...]]:
+    """Token positions of each noun phrase's last word (its head noun), by the phrase's own word index, so "a red
+    circle and a blue circle" gives both circles; phrases past the encoded length are left out."""
+    found = prompt_words(tokenizer, prompt, max_length)
+    heads = [found[p.words[1] - 1] for p in noun_phrases(prompt) if p.words[1] <= len(found)]
+    return [word.core or word.tokens for word in heads]
+
+
 @dataclass(frozen=True)
 class NounPhrase:
     text: str

@@ -295,3 +295,13 @@ def test_astar_guides_inpainting_and_controlnet_pipelines(tiny_pipelines, kind):
     with accel.patched(pipe, "astar"):
         guided = run()
     assert abs(guided - reference).max() > 1e-3
+
+
+def test_default_subjects_past_the_encoded_length_are_dropped_with_a_warning(shapes_pipe, caplog):
+    long_prompt = "a red circle and " + "big " * 80 + "a blue square"
+    reference = generate_shapes(shapes_pipe, long_prompt, steps=2)
+    with accel.patched(shapes_pipe, "astar"), caplog.at_level("WARNING"):
+        guided = generate_shapes(shapes_pipe, long_prompt, steps=2)
+        assert _guidance_state(shapes_pipe).positions == [[(3,)]]  # the red circle alone
+    assert "1 of the 2 noun phrases" in caplog.text and "tokens=[...]" in caplog.text
+    assert abs(guided - reference).max() > 0

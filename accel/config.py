@@ -266,8 +266,18 @@ class GNAConfig(MethodConfig):
             setattr(self, option, _positive_ints(self, option, value))
         if isinstance(self.is_causal, list | tuple):
             self.is_causal = tuple(self.is_causal)
-        if not (isinstance(self.is_causal, bool) or all(isinstance(v, bool) for v in self.is_causal)):
-            raise InvalidOptionError(f"gna: is_causal={self.is_causal!r} must be a bool or one bool per axis")
+        # Checked by type before iterating: is_causal=1 or None is not iterable, and 1 is no bool (nor is "yes").
+        if not (
+            isinstance(self.is_causal, bool)
+            or (
+                isinstance(self.is_causal, tuple)
+                and self.is_causal
+                and all(isinstance(v, bool) for v in self.is_causal)
+            )
+        ):
+            raise InvalidOptionError(
+                f"gna: is_causal={self.is_causal!r} must be a bool or one bool per axis, e.g. True or (True, False)"
+            )
         if not isinstance(self.dense_steps, int) or isinstance(self.dense_steps, bool) or self.dense_steps < 0:
             raise InvalidOptionError(f"gna: dense_steps={self.dense_steps!r} must be a non-negative int")
         if self.dense_layers is not None:
@@ -760,10 +770,13 @@ class EditConfig(_KnowsGivenOptions):
                 if not isinstance(value, list | tuple) or not value or not all(isinstance(w, str) for w in value):
                     fail(option, "must be a non-empty list of words, e.g. ['circle']")
                 setattr(self, option, list(value))
+        # Keys are looked up as words of the edit prompt; a number or None as key would fail only mid-edit.
         if self.reweight is not None and (
-            not isinstance(self.reweight, dict) or not all(_is_number(v) for v in self.reweight.values())
+            not isinstance(self.reweight, dict)
+            or not all(isinstance(k, str) for k in self.reweight)
+            or not all(_is_number(v) for v in self.reweight.values())
         ):
-            fail("reweight", "must map words to factors, e.g. {'green': 2.0}")
+            fail("reweight", "must map words (strings) to factors, e.g. {'green': 2.0}")
         for option in ("dpl_weights", "dpl_targets", "dpl_decays"):
             value = getattr(self, option)
             if (

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from accel.config import MethodConfig
+from accel.errors import InvalidOptionError
 
 # How a field is edited: a checkbox, a number, a menu, free text, or JSON for anything structured (tuples, lists,
 # dicts, unions of several types).
@@ -41,28 +43,66 @@ class FieldSpec:
         return self.default
 
     def parse(self, raw: Any) -> Any:
-        """A widget's value back to the option's value; raises ``ValueError`` naming the field."""
+        """A widget's value back to the option's value; raises `InvalidOptionError` (a ``ValueError``, which the
+        demo shows as a message) naming the field and what it expects."""
         if self.kind == "json":
+            if raw is not None and not isinstance(raw, str):
+                raise InvalidOptionError(
+                    f"{self.name}: expected JSON text such as 4, [4, 4] or null, got {type(raw).__name__} {raw!r}"
+                )
             text = (raw or "").strip()
             if not text:
                 return None
             try:
                 return json.loads(text)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{self.name}: {text!r} is not JSON ({error.msg}); e.g. 4, [4, 4] or null") from None
+                raise InvalidOptionError(
+                    f"{self.name}: {text!r} is not JSON ({error.msg}); e.g. 4, [4, 4] or null"
+                ) from None
         if self.kind == "choice":
             return None if raw in (None, DEFAULT_CHOICE) else raw
         if self.kind == "text":
             return raw if raw else (None if self.optional else "")
-        if self.kind == "int":
-            if raw is None:
-                return None
-            if float(raw) != int(raw):
-                raise ValueError(f"{self.name}: {raw!r} must be a whole number")
-            return int(raw)
-        if self.kind == "float":
-            return None if raw is None else float(raw)
-        return bool(raw)
+        if self.kind in ("int", "float"):
+            return self._number(raw)
+        return self._bool(raw)
+
+    def _number(self, raw: Any) -> int | float | None:
+        # An emptied number box reads as None; the config then says whether the option may be None.
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return None
+        whole = self.kind == "int"
+        expected = "a whole number, e.g. 4" if whole else "a number, e.g. 0.5"
+        # bool is an int to Python: True would read as 1.
+        if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+            raise InvalidOptionError(f"{self.name}: expected {expected}, got {type(raw).__name__} {raw!r}")
+        if whole and isinstance(raw, int):
+            return raw
+        if whole and isinstance(raw, str):
+            try:
+                return int(raw.strip())  # exact for digits that a float would round (2**53 + 1)
+            except ValueError:
+                pass
+        try:
+            number = float(raw)
+        except (ValueError, OverflowError):  # float(10**400) overflows
+            raise InvalidOptionError(f"{self.name}: {raw!r} is not a number; expected {expected}") from None
+        if not whole:
+            return number  # the config refuses inf and nan where the option needs a finite value
+        # int(inf) raises OverflowError and int(nan) a ValueError that names no field; 4.5 would truncate to 4.
+        if not math.isfinite(number) or number != int(number):
+            raise InvalidOptionError(f"{self.name}: {raw!r} is not {expected}")
+        return int(number)
+
+    def _bool(self, raw: Any) -> bool | None:
+        # bool("false") is True, so a text value must be read, not converted.
+        if isinstance(raw, bool):
+            return raw
+        if raw is None and self.optional:
+            return None
+        if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
+            return raw.strip().lower() == "true"
+        raise InvalidOptionError(f"{self.name}: expected True or False (or the text 'true' / 'false'), got {raw!r}")
 
 
 def config_fields(config_class: type[MethodConfig]) -> list[FieldSpec]:

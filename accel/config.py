@@ -695,7 +695,10 @@ class EditConfig(_KnowsGivenOptions):
             most this share of the latent's (the null-text notebook's 32 x 32 of SD's 64 x 64).
         local_blend (`bool`, defaults to `True`): keep the edit inside the attention region of ``blend_words``.
         blend_words (`list[str]`, *optional*): the words whose maps (in either prompt) bound the edit. ``None``: the
-            head noun of each phrase the edit changes ("a red circle" -> "a green circle": ``["circle"]``).
+            head noun of each phrase the edit changes ("a red circle" -> "a green circle": ``["circle"]``);
+            connectors added or removed with a phrase are left out ("a red circle" -> "a red circle next to a blue
+            square": ``["square"]``); a change that touches no noun phrase (a lone noun, "left" -> "right", a verb)
+            blends on the changed words themselves: pass the object words to choose.
         blend_threshold (`float`, defaults to `0.3`): the region is where the dilated, max-scaled map reaches this.
         blend_start (`float`, defaults to `0.2`): fraction of the schedule before blending starts.
         map_side (`int`, defaults to `16`): the cross-attention level DPL's losses and the local blend read: the

@@ -27,8 +27,9 @@ def edit(
 
     Args:
         pipe: a Stable Diffusion 1.x / 2.x pipeline (any scheduler: editing uses its own DDIM schedule).
-        image: PIL image, numpy array or tensor, as the pipeline's image processor accepts; sides divisible by the
-            VAE factor times the UNet's down-sampling (64 for SD).
+        image: one image: a PIL image (any 8-bit mode), a uint8 numpy array (HxW, HxWx3, HxWx4), or a float numpy
+            array HxWx3 / tensor 3xHxW in [0, 1]; alpha is dropped. Sides divisible by the VAE factor times the
+            UNet's down-sampling (64 for SD).
         source_prompt: what the image shows. target_prompt: what it should show.
 
     Returns:

@@ -25,6 +25,7 @@ when the edit ends, also on error.
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -103,12 +104,24 @@ def _key(word: str) -> str:
     return word.strip(".,;:!?\"'()").lower()
 
 
-def _head_noun(prompt: str, words: list[PromptWord], index: int) -> int:
-    """The index of the last word of the noun phrase holding word ``index`` (the word itself outside any phrase)."""
+def _phrase_heads(prompt: str, words: list[PromptWord]) -> dict[int, int]:
+    """Word index -> index of the last word of its noun phrase, for the words inside one (of those that fit)."""
+    heads = {}
     for phrase in noun_phrases(prompt):
-        if phrase.words[0] <= index < phrase.words[1]:
-            return min(phrase.words[1], len(words)) - 1
-    return index
+        for index in range(phrase.words[0], min(phrase.words[1], len(words))):
+            heads[index] = min(phrase.words[1], len(words)) - 1
+    return heads
+
+
+def _runs(indices: list[int]) -> list[list[int]]:
+    """Sorted word indices split into runs of consecutive ones."""
+    runs: list[list[int]] = []
+    for index in sorted(indices):
+        if runs and index == runs[-1][-1] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return runs
 
 
 @dataclass
@@ -158,12 +171,129 @@ def check_pipeline(pipe) -> None:
         )
 
 
-def image_latents(pipe, image) -> torch.Tensor:
-    """The image's VAE latent (posterior mean, scaled), checking that its size suits the UNet."""
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+# What ``accel.edit`` takes as its image, for the errors that refuse anything else.
+_ACCEPTED_IMAGES = (
+    "one image: a PIL image (any 8-bit mode; alpha is dropped), a uint8 numpy array HxWx3 (HxW grey and HxWx4 RGBA "
+    "too), a float numpy array HxWx3 (or 1xHxWx3) in [0, 1], or a float tensor 3xHxW (or 1x3xHxW) in [0, 1]"
+)
+# Float images may overshoot [0, 1] by this much (resampling, colour conversion); they are clipped to it.
+_RANGE_SLACK = 1e-3
+
+
+def _rgb_image(image):
+    """``image`` as one RGB image in a form the pipeline's image processor reads right.
+
+    PIL images of any 8-bit mode are converted to RGB (alpha dropped), 16-bit grey ones ("I;16") scaled to [0, 1];
+    numpy arrays are channels-last (HxW grey, HxWx1, HxWx2 grey + alpha, HxWx3, HxWx4 RGBA, optionally with a
+    leading batch of 1): uint8 in 0..255 or float in [0, 1]; tensors are channels-first float in [0, 1] (3xHxW or
+    1x3xHxW). A list or tuple of one image is that image. Anything else raises `InvalidOptionError` naming what is
+    accepted, instead of the channel, shape or interpolation errors the processor and the VAE would give (or, for
+    a float image in 0..255, a silently wrong latent).
+    """
+    from PIL import Image
+
+    if isinstance(image, list | tuple):
+        if len(image) != 1:
+            raise InvalidOptionError(
+                f"accel.edit: edits one image at a time; got a {type(image).__name__} of {len(image)} images: pass "
+                + _ACCEPTED_IMAGES
+            )
+        image = image[0]
+    if isinstance(image, Image.Image):
+        if image.mode.startswith("I;16"):
+            # convert("RGB") clips 16-bit values at 255 (a nearly white image); their range is known, so scale it.
+            return _rgb_array(np.asarray(image, dtype=np.float32) / 65535)
+        if image.mode in ("I", "F"):
+            raise InvalidOptionError(
+                f"accel.edit: a PIL image of mode {image.mode!r} (32-bit, range unknown) would be clipped to 8 bits; "
+                "scale it to [0, 1] yourself and pass a float numpy array "
+                "(np.asarray(image, dtype=np.float32) / its maximum), or pass " + _ACCEPTED_IMAGES
+            )
+        # The VAE takes 3 channels, and the image processor (do_convert_rgb=False) passes L, P or RGBA unchanged.
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        return _rgb_array(image)
+    if isinstance(image, torch.Tensor):
+        return _rgb_tensor(image)
+    raise InvalidOptionError(f"accel.edit: the image is a {type(image).__name__}; pass " + _ACCEPTED_IMAGES)
+
+
+def _rgb_array(array: np.ndarray):
+    shape = "x".join(map(str, array.shape))
+    if array.ndim == 4 and array.shape[0] > 1:
+        raise InvalidOptionError(
+            f"accel.edit: edits one image at a time; got a batch of {array.shape[0]} ({shape}): pass "
+            + _ACCEPTED_IMAGES
+        )
+    if array.ndim == 4:
+        array = array[0]
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4) or 0 in array.shape:
+        raise InvalidOptionError(
+            f"accel.edit: a numpy image of shape {shape} is not a channels-last image (HxW, or HxWxC with C 1 to 4; "
+            "from CxHxW use array.transpose(1, 2, 0)); pass " + _ACCEPTED_IMAGES
+        )
+    # Grey (+ alpha) -> RGB, RGB(A) -> RGB: alpha is dropped, not composited.
+    array = np.repeat(array[..., :1], 3, axis=-1) if array.shape[-1] < 3 else array[..., :3]
+    if array.dtype == np.uint8:
         from PIL import Image
 
-        image = Image.fromarray(image)  # the image processor reads numpy arrays as floats in [0, 1]
+        return Image.fromarray(np.ascontiguousarray(array))  # the image processor reads numpy arrays as [0, 1] floats
+    if not np.issubdtype(array.dtype, np.floating):
+        raise InvalidOptionError(
+            f"accel.edit: a numpy image of dtype {array.dtype} is neither uint8 (0..255) nor float ([0, 1]): convert "
+            "it, e.g. array.astype(np.uint8) for 8-bit values or array / 65535 for 16-bit ones; pass "
+            + _ACCEPTED_IMAGES
+        )
+    _check_range(float(array.min()), float(array.max()), "numpy")
+    return np.clip(array.astype(np.float32), 0.0, 1.0)
+
+
+def _rgb_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    shape = "x".join(map(str, tensor.shape))
+    if tensor.ndim == 4 and tensor.shape[0] > 1:
+        raise InvalidOptionError(
+            f"accel.edit: edits one image at a time; got a batch of {tensor.shape[0]} ({shape}): pass "
+            + _ACCEPTED_IMAGES
+        )
+    if tensor.ndim not in (3, 4) or tensor.shape[-3] != 3 or 0 in tensor.shape:
+        hint = " (from HxWx3 use tensor.permute(2, 0, 1))" if tensor.ndim in (3, 4) and tensor.shape[-1] == 3 else ""
+        raise InvalidOptionError(
+            f"accel.edit: a tensor image of shape {shape} is not channels-first RGB (3xHxW or 1x3xHxW){hint}; pass "
+            + _ACCEPTED_IMAGES
+        )
+    if not tensor.is_floating_point():
+        raise InvalidOptionError(
+            f"accel.edit: a tensor image of dtype {tensor.dtype} must be float in [0, 1] (e.g. tensor.float() / 255); "
+            "pass " + _ACCEPTED_IMAGES
+        )
+    _check_range(float(tensor.min()), float(tensor.max()), "tensor")
+    # Clipped: below 0 the image processor would take the image for one in [-1, 1] and skip normalising it.
+    return tensor.clamp(0.0, 1.0)
+
+
+def _check_range(low: float, high: float, kind: str) -> None:
+    if low >= -_RANGE_SLACK and high <= 1 + _RANGE_SLACK:  # False for NaN too
+        return
+    if math.isnan(low) or math.isnan(high):
+        hint = "it holds NaN"
+    elif low >= 0 and high <= 255:
+        hint = "values up to 255 are 8-bit ones: divide by 255 or pass uint8"
+    elif low >= -1 and high <= 1:
+        hint = "values in [-1, 1]: pass (image + 1) / 2"
+    else:
+        hint = "rescale it to [0, 1]"
+    raise InvalidOptionError(
+        f"accel.edit: a float {kind} image must hold values in [0, 1]; this one spans [{low:.4g}, {high:.4g}] "
+        f"({hint}); accepted: " + _ACCEPTED_IMAGES
+    )
+
+
+def image_latents(pipe, image) -> torch.Tensor:
+    """The image's VAE latent (posterior mean, scaled), checking that its size suits the UNet. ``image``: see
+    `_rgb_image` (alpha is dropped)."""
+    image = _rgb_image(image)
     pixels = pipe.image_processor.preprocess(image)
     height, width = pixels.shape[-2:]
     multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
@@ -263,11 +393,20 @@ class _Words:
 
 
 def run_edit(pipe, image, source: str, target: str, config) -> EditResult:
-    """``accel.edit``'s work (``config``: an ``accel.EditConfig``)."""
+    """``accel.edit``'s work (``config``: an ``accel.EditConfig``).
+
+    ``image``: one image; a PIL image of any 8-bit mode, a uint8 numpy array (HxW grey, HxWx3, HxWx4 RGBA), or a
+    float numpy array (HxWx3) / tensor (3xHxW, 1x3xHxW) in [0, 1]. Alpha is dropped, not composited. Other inputs
+    raise `InvalidOptionError` naming these.
+
+    Prompts whose every difference lies past the text encoder's token limit raise `InvalidOptionError` (they encode
+    the same, so the edit would be the reconstruction). The default blend words are described in `_blend_words`.
+    """
     check_pipeline(pipe)
     tokenizer = pipe.tokenizer
     alignment = align_prompts(tokenizer, source, target)
     source_words, target_words = prompt_words(tokenizer, source), prompt_words(tokenizer, target)
+    _check_change_is_encoded(tokenizer, source, target, source_words, alignment)
     blend_source, blend_target = _blend_words(source, target, source_words, target_words, alignment, config)
     words = _Words(
         source=source_words,
@@ -513,8 +652,48 @@ def _listing(words: list[PromptWord]) -> str:
     return ", ".join(repr(w.text) for w in words)
 
 
+def _check_change_is_encoded(tokenizer, source: str, target: str, source_words, alignment) -> None:
+    """Refuses prompts that differ only in words the text encoder never reads: truncated, both encode the same,
+    and the edit would silently return the reconstruction."""
+    if alignment.changed:
+        return  # a difference within the limit (differences past it are dropped, as for any prompt)
+    source_keys, target_keys = [_key(w) for w in source.split()], [_key(w) for w in target.split()]
+    if source_keys == target_keys:
+        return  # the same words (case and punctuation aside): a reweight-only edit, or none
+    # No change among the words that fit, so both prompts keep the same number of words and the first difference
+    # lies after them.
+    first = next(
+        i for i, (s, t) in enumerate(itertools.zip_longest(source_keys, target_keys, fillvalue=None)) if s != t
+    )
+    source_split, target_split = source.split(), target.split()
+    if first < len(source_split) and first < len(target_split):
+        change = f"{source_split[first]!r} -> {target_split[first]!r}"
+    elif first < len(target_split):
+        change = f"adds {target_split[first]!r}"
+    else:
+        change = f"drops {source_split[first]!r}"
+    kept = len(source_words)
+    bos = source_words[0].tokens[0] if source_words else 1
+    length = tokenizer.model_max_length
+    last = f" (up to {source_words[-1].text!r})" if source_words else ""
+    raise InvalidOptionError(
+        f"accel.edit: every word the edit changes lies past the text encoder's limit: it reads {length} tokens, "
+        f"{length - bos - 1} of them for words (the rest special tokens), which hold the first {kept} words of each "
+        f"prompt{last}; the first change ({change}) is word {first + 1}, so both prompts encode the same and the edit "
+        f"would return the reconstruction. Shorten the prompts so that the changed words are among the first {kept}"
+    )
+
+
 def _blend_words(source, target, source_words, target_words, alignment, config) -> tuple[list[int], list[int]]:
-    """Word indices whose maps bound the edit, in the source and in the edit prompt."""
+    """Word indices whose maps bound the edit, in the source and in the edit prompt.
+
+    By default (``blend_words=None``) the edit blends on the head noun (last word) of each noun phrase it changes,
+    in both prompts where the head is shared ("a red circle" -> "a green circle": "circle"). Words the edit changes
+    outside any noun phrase are dropped when the run of changed words they belong to also changes a phrase: the
+    connectors that come with an added or removed phrase ("and", "next to" in "a red circle" -> "a red circle next
+    to a blue square" blend on "square" alone). A run that changes no phrase (a lone noun "cats" -> "dogs", a
+    relation "left" -> "right", a verb) still blends on its own words; pass ``blend_words=[...]`` to choose.
+    """
     if not config.local_blend:
         return [], []
     if config.blend_words is not None:
@@ -530,18 +709,22 @@ def _blend_words(source, target, source_words, target_words, alignment, config) 
             chosen_target += in_target
         return sorted(set(chosen_source)), sorted(set(chosen_target))
     to_target = {s: t for t, s in alignment.matched.items()}
+    changed_source = [s for s, _ in alignment.changed if s is not None]
+    changed_target = [t for _, t in alignment.changed if t is not None]
     chosen_source, chosen_target = set(), set()
-    for s, t in alignment.changed:
-        if s is not None:
-            head = _head_noun(source, source_words, s)
-            chosen_source.add(head)
-            if head in to_target:
-                chosen_target.add(to_target[head])
-        if t is not None:
-            head = _head_noun(target, target_words, t)
-            chosen_target.add(head)
-            if head in alignment.matched:
-                chosen_source.add(alignment.matched[head])
+    for prompt, words, changed, chosen, chosen_other, counterpart in (
+        (source, source_words, changed_source, chosen_source, chosen_target, to_target),
+        (target, target_words, changed_target, chosen_target, chosen_source, alignment.matched),
+    ):
+        heads = _phrase_heads(prompt, words)
+        # Matched words separate the alignment's differing blocks, so a run of consecutive changed words is one
+        # block's share of this prompt: a phrase change and the connectors added or removed with it.
+        for run in _runs(changed):
+            for index in [i for i in run if i in heads] or run:
+                head = heads.get(index, index)
+                chosen.add(head)
+                if head in counterpart:
+                    chosen_other.add(counterpart[head])
     return sorted(chosen_source), sorted(chosen_target)
 
 

@@ -275,3 +275,110 @@ def test_maps_are_read_at_the_level_nearest_map_side():
     assert controller.blend_maps().shape == (2, 8, 8, tokens) and (controller.blend_maps() == 8).all()
     controller.map_side = 16
     assert controller.cross_maps().shape == (1, 16, 16, tokens) and controller.blend_maps().shape[1:3] == (16, 16)
+
+
+def test_images_of_any_mode_are_read_as_rgb_and_unusable_ones_refused(shapes_pipe, case):
+    from PIL import Image
+
+    from accel.pipelines.editing import image_latents
+
+    scene, image = case
+    rgb = image_latents(shapes_pipe, image)
+    opaque = np.concatenate([image, np.full((*image.shape[:2], 1), 255, np.uint8)], axis=-1)
+    grey = np.asarray(Image.fromarray(image).convert("L"))
+    grey_rgb = image_latents(shapes_pipe, np.repeat(grey[..., None], 3, axis=-1))
+    chw = torch.tensor(image).permute(2, 0, 1).float() / 255
+    same_as_rgb = [
+        Image.fromarray(image).convert("RGBA"),  # alpha dropped
+        opaque,
+        [Image.fromarray(image)],  # a list of one image
+        image.astype(np.float32) / 255,
+        image[None].astype(np.float32) / 255,
+        chw,
+        chw[None],
+    ]
+    for accepted in same_as_rgb:
+        assert torch.allclose(image_latents(shapes_pipe, accepted), rgb, atol=1e-4)
+    for accepted in (Image.fromarray(grey), grey, Image.fromarray(image).convert("P")):
+        assert image_latents(shapes_pipe, accepted).shape == rgb.shape
+    assert torch.equal(image_latents(shapes_pipe, Image.fromarray(grey)), grey_rgb)
+    assert torch.equal(image_latents(shapes_pipe, grey), grey_rgb)
+
+    # Refused before any denoising, with what is accepted; the RGBA image above also runs end to end.
+    refused = {
+        "got a list of 2 images": [Image.fromarray(image)] * 2,
+        "got a batch of 2": np.stack([image, image]),
+        r"not channels-first RGB .*tensor.permute\(2, 0, 1\)": torch.tensor(image).float() / 255,
+        r"spans \[\d+, \d+\] \(values up to 255 are 8-bit ones: divide by 255": image.astype(np.float32),
+        r"values in \[-1, 1\]: pass \(image \+ 1\) / 2": chw * 2 - 1,
+        "dtype torch.uint8 must be float": torch.tensor(image).permute(2, 0, 1),
+        "dtype int64 is neither uint8": image.astype(np.int64),
+        r"not a channels-last image .*transpose\(1, 2, 0\)": image.transpose(2, 0, 1).copy(),
+        "the image is a str": "in.png",
+    }
+    for message, bad in refused.items():
+        with pytest.raises(accel.InvalidOptionError, match=f"{message}.*PIL image \\(any 8-bit mode; alpha"):
+            accel.edit(shapes_pipe, bad, scene.caption, scene.caption)
+    result = accel.edit(
+        shapes_pipe,
+        Image.fromarray(opaque, "RGBA"),
+        scene.caption,
+        scene.caption,
+        method="p2p",
+        num_inference_steps=2,
+        null_text_steps=1,
+        local_blend=False,
+    )
+    assert np.asarray(result.image).shape == image.shape
+
+
+def test_a_change_past_the_token_limit_is_refused_not_reconstructed(shapes_pipe, case, tokenizer):
+    from accel.pipelines.editing import _check_change_is_encoded
+    from accel.pipelines.prompts import prompt_words
+
+    scene, image = case
+    # shapes-sd's tokenizer reads 16 tokens: BOS, 14 one-token words, EOS.
+    source = "a red circle and a blue square and a green star and a red circle"
+    target = "a red circle and a blue square and a green star and a red square"
+    message = r"reads 16 tokens, 14 of them for words.*first 14 words.*\('circle' -> 'square'\) is word 15"
+    with pytest.raises(accel.InvalidOptionError, match=message):
+        accel.edit(shapes_pipe, image, source, target)
+    with pytest.raises(accel.InvalidOptionError, match=r"\(adds 'and'\) is word 16"):
+        accel.edit(shapes_pipe, image, source, source + " and a green star", local_blend=False)
+    # Still edits: a change within the limit (one past it is dropped, as for any prompt), and same-word prompts.
+    for other in (target.replace("green", "blue"), source.upper() + ".", source):
+        words = prompt_words(tokenizer, source)
+        _check_change_is_encoded(tokenizer, source, other, words, align_prompts(tokenizer, source, other))
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "blend"),
+    [
+        ("a red circle", "a red circle next to a blue square", ([], ["square"])),
+        ("a red circle and a blue square", "a red circle", (["square"], [])),
+        ("a red circle left of a blue square", "a red circle right of a blue square", (["left"], ["right"])),
+        ("two red circles of stars", "two red circles of squares", (["stars"], ["squares"])),
+    ],
+)
+def test_default_blend_words_leave_out_connectors_of_a_changed_phrase(tokenizer, source, target, blend):
+    from accel.pipelines.editing import _blend_words
+    from accel.pipelines.prompts import prompt_words
+
+    words = [prompt_words(tokenizer, p) for p in (source, target)]
+    chosen = _blend_words(source, target, *words, align_prompts(tokenizer, source, target), accel.EditConfig())
+    assert tuple([w[i].text for i in c] for w, c in zip(words, chosen, strict=True)) == blend
+
+
+def test_added_phrase_blends_on_its_noun_not_its_conjunction(shapes_pipe, case):
+    scene, image = case
+    first, second = scene.objects
+    result = accel.edit(
+        shapes_pipe,
+        image,
+        f"a {first.colour} {first.shape}",
+        scene.caption,  # "... and a <colour> <shape>": "and" used to blend too
+        method="p2p",
+        num_inference_steps=2,
+        null_text_steps=1,
+    )
+    assert result.blend_words == [second.shape]

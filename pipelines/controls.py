@@ -245,6 +245,7 @@ class LatentGuidanceHook(ModelHook):
     # Stateful so that diffusers hands it the cache context (the name of FLUX's true-CFG negative call).
     _is_stateful = True
     _warned_no_subjects = False
+    _warned_unmatched = False
 
     def __init__(self, state: GuidanceState, context: PatchContext, pipeline, inputs: DenoiserInputs):
         super().__init__()
@@ -277,6 +278,14 @@ class LatentGuidanceHook(ModelHook):
         if matched is None:
             if self._follows_step_update(arguments, step):
                 return forward(**arguments)
+            if self.call_name.name != "uncond" and text is not None and not self._warned_unmatched:
+                logger.warning(
+                    "%s: the denoiser was called with text embeddings its patched pipeline did not encode (another "
+                    "pipeline sharing this denoiser, e.g. one made with from_pipe, or a direct call), so nothing is "
+                    "guided; patch the pipeline you call",
+                    state.loss,
+                )
+                self._warned_unmatched = True
             return forward(*args, **kwargs)
         encoding, guidance_batch = matched
         if encoding.error is not None:

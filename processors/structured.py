@@ -11,8 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from diffusers.utils import logging
 
 from accel.processors.dense import DenseAttnProcessor
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -21,6 +24,7 @@ class StructuredValues:
 
     prompt_embeds: torch.Tensor | None = None
     values: torch.Tensor | None = None
+    warned_unmatched: bool = False
 
 
 class StructuredAttnProcessor(DenseAttnProcessor):
@@ -32,12 +36,24 @@ class StructuredAttnProcessor(DenseAttnProcessor):
 
     def _value_context(self, context: torch.Tensor, is_cross: bool) -> torch.Tensor:
         prompt_embeds, values = self.shared.prompt_embeds, self.shared.values
-        if not is_cross or prompt_embeds is None:
+        if not is_cross:
             return context
-        batch = prompt_embeds.shape[0]
+        batch = 0 if prompt_embeds is None else prompt_embeds.shape[0]
         conditional = context[-batch:]
-        if conditional.shape != prompt_embeds.shape or not torch.equal(conditional, prompt_embeds.to(context)):
-            return context  # not this prompt's text (another call, another prompt): exact attention
+        if (
+            not batch
+            or conditional.shape != prompt_embeds.shape
+            or not torch.equal(conditional, prompt_embeds.to(context))
+        ):
+            # Not the text its pipeline encoded: exact attention, and the user is told once.
+            if not self.shared.warned_unmatched:
+                logger.warning(
+                    "structured: the UNet was called with text embeddings its patched pipeline did not encode "
+                    "(another pipeline sharing this UNet, e.g. one made with from_pipe, or a direct call), so its "
+                    "values are the prompt's own; patch the pipeline you call"
+                )
+                self.shared.warned_unmatched = True
+            return context
         if context.shape[0] == batch:
             return values.to(context)
         return torch.cat([context[:-batch], values.to(context)])

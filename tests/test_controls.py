@@ -305,3 +305,16 @@ def test_default_subjects_past_the_encoded_length_are_dropped_with_a_warning(sha
         assert _guidance_state(shapes_pipe).positions == [[(3,)]]  # the red circle alone
     assert "1 of the 2 noun phrases" in caplog.text and "tokens=[...]" in caplog.text
     assert abs(guided - reference).max() > 0
+
+
+@pytest.mark.parametrize("method", ["astar", "structured"])
+def test_a_pipeline_sharing_the_patched_unet_is_told_it_is_not_controlled(shapes_pipe, method, caplog):
+    from diffusers import StableDiffusionPipeline
+
+    with accel.patched(shapes_pipe, method), caplog.at_level("WARNING"):
+        generate_shapes(shapes_pipe, PROMPT, steps=2)
+        assert "did not encode" not in caplog.text  # its own pipeline: no warning
+        other = StableDiffusionPipeline.from_pipe(shapes_pipe)
+        other.set_progress_bar_config(disable=True)
+        generate_shapes(other, "a green star and a yellow circle", steps=2)  # text shapes_pipe never encoded
+    assert f"{method}: the " in caplog.text and "its patched pipeline did not encode" in caplog.text

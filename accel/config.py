@@ -31,6 +31,16 @@ class _KnowsGivenOptions:
         default = next(f.default for f in dataclasses.fields(self) if f.name == option)
         return not (default is None and getattr(self, option) is None)
 
+    def changed_options(self) -> dict[str, Any]:
+        """The options that make this config differ from the default one (also those assigned after construction),
+        as values its constructor accepts; ``version`` left out."""
+        defaults = type(self)()
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "version" and getattr(self, f.name) != getattr(defaults, f.name)
+        }
+
 
 @dataclass(kw_only=True)
 class MethodConfig(_KnowsGivenOptions):
@@ -85,13 +95,26 @@ class MethodConfig(_KnowsGivenOptions):
         return cls(**options)
 
     def replace(self, **options: Any) -> MethodConfig:
-        # Only the options that were set carry over: restating every default would mark it as set, and e.g.
-        # replace(window_size=8) on a config that never named windows would then conflict with windows=2.
-        kept = {name: getattr(self, name) for name in getattr(self, "_given_options", ()) if name != "version"}
-        return type(self).from_options(**{**kept, **options})
+        # Only the options that were set or changed carry over: restating every default would mark it as set, and
+        # e.g. replace(window_size=8) on a config that never named windows would then conflict with windows=2.
+        given = {name: getattr(self, name) for name in getattr(self, "_given_options", ()) if name != "version"}
+        return type(self).from_options(**{**given, **self.changed_options(), **options})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.name, **dataclasses.asdict(self)}
+        """``{"method": name, "version": 1, **options that differ from the defaults}``; `from_dict` reads it back."""
+        return {"method": self.name, "version": self.version, **self.changed_options()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
+        """The config `to_dict` wrote (its ``method`` must be this class's)."""
+        options = dict(data)
+        method = options.pop("method", cls.name)
+        if method != cls.name:
+            raise InvalidOptionError(f"{cls.__name__}.from_dict: the data is for method {method!r}, not {cls.name!r}")
+        version = options.pop("version", 1)
+        if version != 1:
+            raise InvalidOptionError(f"{cls.name}: config version {version} is not known; this accel reads 1")
+        return cls.from_options(**options)
 
 
 @dataclass(kw_only=True)
@@ -810,4 +833,5 @@ class EditConfig(_KnowsGivenOptions):
                     fail(option, "shapes the local blend, which local_blend=False turns off: drop it or blend")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The options that differ from the defaults: ``EditConfig(**config.to_dict())`` is ``config`` again."""
+        return self.changed_options()

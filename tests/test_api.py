@@ -119,7 +119,26 @@ def test_config_round_trips_through_dict():
     config = accel.DenseConfig(layers=r".*attn1")
     data = config.to_dict()
     assert data == {"method": "dense", "layers": r".*attn1", "version": 1}
-    assert accel.DenseConfig.from_options(layers=data["layers"]) == config
+    assert accel.DenseConfig.from_dict(data) == config
+    # Configs whose options depend on each other round-trip too: only what differs from the defaults is written.
+    for config in (
+        accel.HiDiffusionConfig(mswmsa=False),
+        accel.AStarConfig(loss="attend_excite"),
+        accel.StructuredConfig(noun_phrases=["a red circle"]),
+    ):
+        assert type(config).from_dict(config.to_dict()) == config
+    with pytest.raises(accel.InvalidOptionError, match="for method 'dense', not 'astar'"):
+        accel.AStarConfig.from_dict(data)
+    edit = accel.EditConfig(method="p2p")
+    assert accel.EditConfig(**edit.to_dict()) == edit
+
+
+def test_replace_keeps_options_set_by_assignment():
+    config = accel.HiDiffusionConfig()
+    config.shift_seed, config.raunet_switch = 5, 0.3
+    replaced = config.replace(windows=4)
+    assert (replaced.shift_seed, replaced.raunet_switch, replaced.windows) == (5, 0.3, (4, 4))
+    assert accel.HiDiffusionConfig().replace(window_size=8).window_size == (8, 8)  # no conflict with windows
 
 
 @pytest.mark.parametrize(

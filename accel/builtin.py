@@ -86,16 +86,21 @@ def apply_gna(plan: PatchPlan, config: GNAConfig) -> None:
                 f"(e.g. {sites[0].name}); fix the regex (it must match a whole name)"
             )
         sites = kept
+    normalised = {}
     for pattern, overrides in (config.per_layer or {}).items():
         if not any(re.fullmatch(pattern, s.name) for s in sites):
             raise InvalidOptionError(
                 f"gna: per_layer pattern {pattern!r} matches none of the patched layers (e.g. {sites[0].name})"
             )
-        # The overrides obey the same rules as the top-level options (the config checks them there).
+        # The overrides obey the same rules as the top-level options and take the same normal form (lists from
+        # JSON become tuples): the config checks and converts them there.
         try:
-            dataclasses.replace(config, per_layer=None, **overrides)
+            checked = dataclasses.replace(config, per_layer=None, **overrides)
         except InvalidOptionError as error:
             raise InvalidOptionError(f"gna: per_layer[{pattern!r}]: {str(error).removeprefix('gna: ')}") from None
+        normalised[pattern] = {option: getattr(checked, option) for option in overrides}
+    if normalised:
+        config = dataclasses.replace(config, per_layer=normalised)
     axes = GRID_AXES[plan.family.name]
     settings = {site.name: gna.layer_settings(config, site.name) for site in sites}
     for name, layer in settings.items():

@@ -212,7 +212,8 @@ def _open_image(path_text: str):
         raise InputError(f"--image {path_text}: no such file; give the path of a PNG or JPEG image")
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            image.load()  # accel.edit reads every mode itself (16-bit grey is scaled, not clipped by convert)
+            return image.copy()
     except (UnidentifiedImageError, OSError) as error:
         raise InputError(f"--image {path_text} could not be read as an image ({error}); give a PNG or JPEG") from None
 
@@ -279,12 +280,18 @@ def _run_methods(args) -> int:
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs to method options; values are JSON where they parse, text otherwise."""
+    """``KEY=VALUE`` pairs to method options; values are JSON where they parse (and True / False as Python spells
+    them), text otherwise."""
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SystemExit(f"--option expects KEY=VALUE, got {pair!r}")
+        # True / False as Python spells them, besides JSON's true / false ("none" stays text: shift="none").
+        literal = {"true": True, "false": False}.get(value.strip().lower(), value)
+        if literal is not value:
+            options[key] = literal
+            continue
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:

@@ -39,6 +39,7 @@ from accel.pipelines.prompts import (
     observe_encode_prompt,
     phrase_positions,
     prompt_span,
+    prompt_words,
     word_positions,
 )
 from accel.processors.controls import CrossAttentionStore
@@ -223,13 +224,15 @@ def prompt_rows(
             found = word_positions(tokenizer, prompt, tokens, max_length)
         else:
             found = (phrase_positions if subjects == "phrases" else head_noun_positions)(tokenizer, prompt, max_length)
-            phrases = len(noun_phrases(prompt))
-            if len(found) < phrases:
+            phrases = noun_phrases(prompt)
+            fitting = len(prompt_words(tokenizer, prompt, max_length))
+            cut = sum(phrase.words[1] > fitting for phrase in phrases)
+            if cut:
                 logger.warning(
                     "%d of the %d noun phrases of %r lie past the %d tokens the text encoder reads and are not "
                     "guided; shorten the prompt or name the subjects with tokens=[...]",
-                    phrases - len(found),
-                    phrases,
+                    cut,
+                    len(phrases),
                     prompt,
                     max_length or tokenizer.model_max_length,
                 )

@@ -425,7 +425,8 @@ def run_edit(pipe, image, source: str, target: str, config) -> EditResult:
     controller.self_grid = tuple(math.ceil(side / 2) for side in layout.grid)  # the UNet's second level
     controller.self_replace_side = max(1, int(max(layout.grid) * config.self_replace_side))
     originals = unet.attn_processors
-    replaceable = UNetFamily.replaceable_processors
+    # Sliced and xformers attention only save memory: the edit's processors stand in for them and give them back.
+    replaceable = UNetFamily.replaceable_processors | {"SlicedAttnProcessor", "XFormersAttnProcessor"}
     foreign = {name: type(p).__name__ for name, p in originals.items() if type(p).__name__ not in replaceable}
     if foreign:
         name, kind = next(iter(foreign.items()))

@@ -201,7 +201,7 @@ def _builtin_phrases(prompt: str) -> list[NounPhrase]:
     for index in range(len(words) + 1):
         word = _normalise(words[index]) if index < len(words) else None
         ends_with_comma = index < len(words) and words[index].endswith((",", ";", "."))
-        if word is None or word in _BOUNDARIES:
+        if word is None or word in _BOUNDARIES or not word:  # "" : a word of punctuation alone (" , ")
             if index - start > 1:
                 phrases.append(NounPhrase(" ".join(words[start:index]), (start, index)))
             start = index + 1

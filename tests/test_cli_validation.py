@@ -158,3 +158,26 @@ def test_compare_function_refuses_what_it_cannot_run(tiny_pipelines):
         compare(pipe, "dense", {}, {**call, "num_inference_steps": -3})
     with pytest.raises(ValueError, match="is for video models"):
         compare(pipe, "dense", {}, {**call, "num_frames": 5})
+
+
+def test_options_take_python_booleans_and_keep_text_values():
+    from accel.cli import parse_options
+
+    assert parse_options(["mswmsa=False", "raunet=true", "shift=none", "windows=[2, 3]"]) == {
+        "mswmsa": False,
+        "raunet": True,
+        "shift": "none",
+        "windows": [2, 3],
+    }
+
+
+def test_edit_image_reaches_accel_edit_in_its_own_mode(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from accel.cli import _open_image
+
+    ramp = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")
+    image = _open_image(str(tmp_path / "grey16.png"))
+    assert image.mode.startswith("I")  # not clipped to 8-bit RGB before accel.edit scales it

@@ -382,3 +382,18 @@ def test_added_phrase_blends_on_its_noun_not_its_conjunction(shapes_pipe, case):
         null_text_steps=1,
     )
     assert result.blend_words == [second.shape]
+
+
+def test_memory_saving_processors_are_stood_in_for_and_given_back(shapes_pipe, case):
+    scene, image = case
+    shapes_pipe.enable_attention_slicing()
+    try:
+        sliced = {name: type(p).__name__ for name, p in shapes_pipe.unet.attn_processors.items()}
+        result = accel.edit(
+            shapes_pipe, image, scene.caption, scene.caption, method="p2p", num_inference_steps=2, null_text_steps=1
+        )
+        assert result.image.size == (64, 64)
+        assert {name: type(p).__name__ for name, p in shapes_pipe.unet.attn_processors.items()} == sliced
+        assert set(sliced.values()) == {"SlicedAttnProcessor"}
+    finally:
+        shapes_pipe.disable_attention_slicing()

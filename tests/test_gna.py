@@ -176,3 +176,14 @@ def test_pipelines_that_append_image_tokens_are_refused(tiny_pipelines, method):
     with pytest.raises(UnsupportedModelError, match=f"{method}: FluxKontextPipeline appends the reference image"):
         accel.patch(kontext, method)
     assert accel.get_patch(kontext) is None
+
+
+@pytest.mark.parametrize("pipeline", ["flux-tiny"], indirect=True)
+def test_per_layer_values_from_json_lists_act_as_tuples(pipeline):
+    from accel.cli import parse_options
+
+    options = parse_options(['per_layer={".*": {"kernel_size": [3, 3], "is_causal": [false, false]}}'])
+    accel.patch(pipeline, "gna", backend="torch", **options)
+    from_json = generate(pipeline, "flux-tiny")
+    accel.patch(pipeline, "gna", backend="torch", kernel_size=(3, 3), is_causal=(False, False))
+    assert np.array_equal(from_json, generate(pipeline, "flux-tiny"))

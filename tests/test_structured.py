@@ -155,3 +155,15 @@ def test_phrases_write_their_own_tokens_only_and_named_ones_must_fit(shapes_pipe
     with accel.patched(shapes_pipe, "structured", noun_phrases=["a green star"]):
         with pytest.raises(InvalidOptionError, match="'a green star' lies past the"):
             generate_shapes(shapes_pipe, long_prompt, steps=1)
+
+
+def test_a_comma_standing_alone_ends_a_phrase_and_is_no_subject(tiny_pipelines, caplog):
+    from accel.pipelines.controls import prompt_rows
+
+    tokenizer = tiny_pipelines["sd15-tiny"].tokenizer
+    assert noun_phrases("a red circle , a blue square", parser="builtin")[0].words == (0, 3)
+    # BOS, a=1 red=2 circle=3 ,=4 a=5 blue=6 square=7
+    assert prompt_rows(tokenizer, "a red circle , a blue square", 1, None, None).positions == [[(3,), (7,)]]
+    with caplog.at_level("WARNING"):
+        prompt_rows(tokenizer, "a red circle and those two", 1, None, None, "phrases")
+    assert "lie past" not in caplog.text  # a phrase of function words only is not a truncated one

@@ -54,6 +54,13 @@ class StepStateHook(ModelHook):
         num_train = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None) or 1000
         if schedule is None or len(schedule) == 0:
             return StepState(timestep, None, None, min(max(1.0 - timestep / num_train, 0.0), 1.0))
+        # FLUX and HunyuanVideo hand the denoiser the timestep in the latents' dtype: in bf16 neighbouring steps of
+        # a long schedule round together. The pipeline keeps the exact one; take it when it is this call's.
+        exact = getattr(pipeline, "_current_timestep", None)
+        if exact is not None:
+            exact = float(exact.flatten()[0]) if isinstance(exact, torch.Tensor) else float(exact)
+            if abs(exact - timestep) <= 0.01 * max(1.0, abs(timestep)):
+                timestep = exact
         # Found by value: robust to CFG (several calls per step), img2img (schedule entered late) and restarts.
         index = int((schedule.detach().float().cpu() - timestep).abs().argmin())
         return StepState(timestep, index, len(schedule), index / len(schedule))

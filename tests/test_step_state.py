@@ -164,3 +164,26 @@ def test_bare_denoiser_has_no_schedule_but_a_noise_level(tiny_pipelines, probe):
     step = probe[0]["step"]
     assert (step.timestep, step.step_index, step.num_steps) == (250.0, None, None)
     assert step.progress == pytest.approx(0.75)
+
+
+def test_a_timestep_rounded_to_bf16_is_placed_by_the_pipelines_exact_one():
+    from types import SimpleNamespace
+
+    from accel.pipelines.families import FAMILIES
+    from accel.pipelines.hooks import StepStateHook
+    from accel.processors.state import PatchContext
+
+    class Pipeline:  # what the hook reads of a pipeline (held weakly, so not a SimpleNamespace)
+        _current_timestep = None
+
+    # A long shifted flow-matching schedule: steps 0 and 1 both round to 1000 in bf16.
+    schedule = torch.tensor([999.0, 998.2, 997.3, 996.4, 995.4])
+    rounded = float(schedule[1].to(torch.bfloat16))
+    assert rounded == float(schedule[0].to(torch.bfloat16))
+    pipeline = Pipeline()
+    pipeline.scheduler = SimpleNamespace(timesteps=schedule, config=SimpleNamespace())
+    hook = StepStateHook(FAMILIES["flux"], PatchContext(family="flux"), pipeline)
+    pipeline._current_timestep = schedule[1]
+    assert hook._step_state(rounded).step_index == 1
+    pipeline._current_timestep = torch.tensor(500.0)  # another call's (a pipeline sharing the denoiser): ignored
+    assert hook._step_state(rounded).step_index == 0

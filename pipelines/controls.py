@@ -298,6 +298,7 @@ class LatentGuidanceHook(ModelHook):
             state.step_size > 0
             and step is not None
             and step.step_index is not None
+            and step.call_in_step == 0
             and step.progress < state.guided_steps
         )
         if not guided:
@@ -332,6 +333,8 @@ class LatentGuidanceHook(ModelHook):
         moved = self.state.step_update
         latent = arguments[self.inputs.latent]
         if moved is None or step is None or moved[0] != step.step_index or moved[1].shape[1:] != latent.shape[1:]:
+            return False
+        if step.call_in_step:  # a second-order corrector starts from the moved latent's prediction already
             return False
         if latent.shape[0] % moved[1].shape[0]:
             return False

@@ -1,13 +1,14 @@
 """The denoiser hook that tells processors where they are: timestep, place in the schedule, token layout.
 
 It is a ``diffusers.hooks.ModelHook`` registered on the denoiser under ``STEP_HOOK_NAME``: it reads the denoiser's
-own inputs before every forward, so the facts are right under classifier-free guidance, img2img, any step count and
-repeated generations, without globals and without counting calls.
+own inputs before every forward, so the facts are right under classifier-free guidance, img2img, any step count,
+second-order schedulers and repeated generations, without globals and without counting calls.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 import weakref
 from typing import Any
 
@@ -18,6 +19,10 @@ from accel.pipelines.families import ModelFamily
 from accel.processors.state import PatchContext, StepState
 
 STEP_HOOK_NAME = "accel_step_state"
+# Frames between a pipeline's ``__call__`` and this hook: torch's module call, diffusers' hook wrappers, accelerate's
+# offload hooks, the guidance loops of accel's controls.
+_CALLER_SEARCH_DEPTH = 40
+_DENOISER_NAMES = ("unet", "transformer")
 
 
 class StepStateHook(ModelHook):
@@ -40,15 +45,35 @@ class StepStateHook(ModelHook):
         inputs = self._signature.bind_partial(*args, **kwargs).arguments
         self.context.layout = self.family.read_layout(module, inputs)
         timestep = self.family.timestep_of(inputs)
-        self.context.step = None if timestep is None else self._step_state(timestep)
+        self.context.step = None if timestep is None else self._step_state(timestep, self._pipeline_running(module))
         return args, kwargs
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.context.reset()
         return module
 
-    def _step_state(self, timestep: float) -> StepState:
-        pipeline = self._pipeline() if self._pipeline is not None else None
+    def _pipeline_running(self, module: torch.nn.Module) -> Any | None:
+        """The pipeline whose call is running this denoiser: the patched one, or another sharing the denoiser
+        (``from_pipe``, a ControlNet variant built from its components) with a scheduler of its own.
+
+        Nothing hands a denoiser its caller, so the call stack is read; a denoiser driven by the user's own loop
+        finds no pipeline there and is placed in the patched pipeline's schedule.
+        """
+        from diffusers import DiffusionPipeline
+
+        frame = sys._getframe(2)
+        for _ in range(_CALLER_SEARCH_DEPTH):
+            if frame is None:
+                break
+            caller = frame.f_locals.get("self")
+            if isinstance(caller, DiffusionPipeline) and any(
+                getattr(caller, name, None) is module for name in _DENOISER_NAMES
+            ):
+                return caller
+            frame = frame.f_back
+        return self._pipeline() if self._pipeline is not None else None
+
+    def _step_state(self, timestep: float, pipeline: Any | None) -> StepState:
         scheduler = getattr(pipeline, "scheduler", None)
         schedule = getattr(scheduler, "timesteps", None)
         num_train = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None) or 1000
@@ -62,8 +87,21 @@ class StepStateHook(ModelHook):
             if abs(exact - timestep) <= 0.01 * max(1.0, abs(timestep)):
                 timestep = exact
         # Found by value: robust to CFG (several calls per step), img2img (schedule entered late) and restarts.
-        index = int((schedule.detach().float().cpu() - timestep).abs().argmin())
-        return StepState(timestep, index, len(schedule), index / len(schedule))
+        distances = (torch.as_tensor(schedule).detach().float().cpu() - timestep).abs()
+        order = int(getattr(scheduler, "order", 1) or 1)
+        if order == 1:
+            index = int(distances.argmin())
+            return StepState(timestep, index, len(schedule), index / len(schedule))
+        # Second-order schedulers (Heun, KDPM2, DPM-Solver SDE) list each step's predictor and corrector timesteps,
+        # and Heun lists a timestep twice (the corrector of one step, the predictor of the next). Entries are
+        # counted in steps so both calls of a step get the step's settings, and a repeated value is told apart by
+        # the scheduler's own phase.
+        matches = torch.nonzero(distances <= distances.min() + 1e-6).flatten().tolist()
+        phase = 0 if getattr(scheduler, "state_in_first_order", True) else order - 1
+        entry = next((m for m in matches if m % order == phase), matches[0])
+        num_steps = -(-len(schedule) // order)
+        index = min(entry // order, num_steps - 1)
+        return StepState(timestep, index, num_steps, index / num_steps, call_in_step=entry % order)
 
 
 def install_hook(module: torch.nn.Module, hook: ModelHook, name: str):

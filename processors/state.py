@@ -20,18 +20,23 @@ class StepState:
         step_index (`int | None`):
             Index of that timestep in the scheduler's full schedule, found by value, so it is right under classifier-free
             guidance (one call or two per step), img2img with ``strength < 1`` (the schedule starts late) and repeated
-            generations. ``None`` when the model was patched without its pipeline (no scheduler to look at).
+            generations. A second-order scheduler's (Heun, KDPM2) two calls of a step share the step's index. ``None``
+            when no scheduler is known: a denoiser patched alone and called outside any pipeline.
         num_steps (`int | None`):
-            Length of the scheduler's full schedule, ``None`` without a pipeline.
+            Steps in the scheduler's full schedule, ``None`` without a scheduler.
         progress (`float`):
             Fraction of the schedule already done, in ``[0, 1)``: ``step_index / num_steps``; without a scheduler, the
             noise level ``1 - timestep / num_train_timesteps`` stands in.
+        call_in_step (`int`):
+            Which of the step's model evaluations this is: 0, or 1 for a second-order scheduler's corrector (latent
+            guidance moves the latent once per step, at the first).
     """
 
     timestep: float
     step_index: int | None
     num_steps: int | None
     progress: float
+    call_in_step: int = 0
 
 
 @dataclass(frozen=True)

@@ -180,6 +180,20 @@ def test_a_swapped_scheduler_is_guided_too_and_restored(shapes_pipe):
         shapes_pipe.scheduler = original
 
 
+def test_a_second_order_scheduler_is_guided_once_per_step(shapes_pipe):
+    from diffusers import HeunDiscreteScheduler
+
+    original = shapes_pipe.scheduler
+    shapes_pipe.scheduler = HeunDiscreteScheduler.from_config(original.config)
+    try:
+        with accel.patched(shapes_pipe, "astar", guided_steps=0.5):
+            generate_shapes(shapes_pipe, PROMPT)
+            # 4 steps are 7 model calls; the corrector of step 0 and the predictor of step 1 share a timestep.
+            assert [step for step, _ in _guidance_state(shapes_pipe).losses] == [0, 1]
+    finally:
+        shapes_pipe.scheduler = original
+
+
 def test_subject_errors_name_the_prompt_words(shapes_pipe):
     from accel.errors import InvalidOptionError
 

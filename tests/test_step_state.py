@@ -154,6 +154,40 @@ def test_hunyuanvideo_layout(tiny_pipelines, probe):
     assert [i for i, _ in scheduler_steps(pipe, probe)] == [0, 1]
 
 
+@pytest.mark.parametrize("scheduler_name", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler"])
+def test_second_order_schedulers_give_a_steps_two_calls_its_index(tiny_pipelines, probe, scheduler_name):
+    import diffusers
+
+    pipe = tiny_pipelines["sd15-tiny"]
+    original = pipe.scheduler
+    pipe.scheduler = getattr(diffusers, scheduler_name).from_config(original.config)
+    try:
+        with accel.patched(pipe, "test-probe"):
+            generate(pipe, "sd15-tiny", steps=3, guidance_scale=7.5)
+        schedule = pipe.scheduler.timesteps.tolist()
+    finally:
+        pipe.scheduler = original
+    assert len(schedule) == 5  # predictor and corrector of steps 0 and 1, the last step's single call
+    seen = scheduler_steps(pipe, probe)
+    assert [i for i, _ in seen] == [0, 0, 1, 1, 2]
+    assert [t for _, t in seen] == pytest.approx(schedule)
+    assert {record["step"].num_steps for record in probe} == {3}
+
+
+def test_a_pipeline_sharing_the_denoiser_is_placed_in_its_own_schedule(tiny_pipelines, probe):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    pipe = tiny_pipelines["sd15-tiny"]
+    with accel.patched(pipe, "test-probe"):
+        generate(pipe, "sd15-tiny", steps=10)
+        sharing = StableDiffusionPipeline.from_pipe(pipe, scheduler=EulerDiscreteScheduler.from_config(pipe.scheduler.config))
+        probe.clear()
+        generate(sharing, "sd15-tiny", steps=4)
+        # The patched pipeline's 10-step schedule lies nearby: placed there, they were steps 0, 2, 6, 9.
+        assert [i for i, _ in scheduler_steps(sharing, probe)] == [0, 1, 2, 3]
+        assert {record["step"].num_steps for record in probe} == {4}
+
+
 def test_bare_denoiser_has_no_schedule_but_a_noise_level(tiny_pipelines, probe):
     pipe = tiny_pipelines["sd15-tiny"]
     unet = pipe.unet
@@ -184,6 +218,6 @@ def test_a_timestep_rounded_to_bf16_is_placed_by_the_pipelines_exact_one():
     pipeline.scheduler = SimpleNamespace(timesteps=schedule, config=SimpleNamespace())
     hook = StepStateHook(FAMILIES["flux"], PatchContext(family="flux"), pipeline)
     pipeline._current_timestep = schedule[1]
-    assert hook._step_state(rounded).step_index == 1
+    assert hook._step_state(rounded, pipeline).step_index == 1
     pipeline._current_timestep = torch.tensor(500.0)  # another call's (a pipeline sharing the denoiser): ignored
-    assert hook._step_state(rounded).step_index == 0
+    assert hook._step_state(rounded, pipeline).step_index == 0

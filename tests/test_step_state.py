@@ -180,7 +180,9 @@ def test_a_pipeline_sharing_the_denoiser_is_placed_in_its_own_schedule(tiny_pipe
     pipe = tiny_pipelines["sd15-tiny"]
     with accel.patched(pipe, "test-probe"):
         generate(pipe, "sd15-tiny", steps=10)
-        sharing = StableDiffusionPipeline.from_pipe(pipe, scheduler=EulerDiscreteScheduler.from_config(pipe.scheduler.config))
+        sharing = StableDiffusionPipeline.from_pipe(
+            pipe, scheduler=EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        )
         probe.clear()
         generate(sharing, "sd15-tiny", steps=4)
         # The patched pipeline's 10-step schedule lies nearby: placed there, they were steps 0, 2, 6, 9.

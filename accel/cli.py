@@ -338,6 +338,7 @@ def _run_compare(args) -> int:
         mine = numbered
 
     pipe = _load_pipeline(args.model, dtype=dtype).to(device)
+    _check_sides(pipe, args)
     rows = []
     for index, prompt in mine:
         with _call_errors_as_input_errors():
@@ -381,6 +382,20 @@ def _run_compare(args) -> int:
         steps = _call_kwargs(args, prompts[0])["num_inference_steps"]
         print(f"{where}device {device}, {steps} steps, seed {args.seed}; outputs in {args.out}/")
     return 0
+
+
+def _check_sides(pipe, args) -> None:
+    """FLUX pipelines round a side down to a multiple of twice the VAE's factor with only a warning, so a smaller side
+    becomes 0 and fails deep inside the VAE; the other pipelines refuse bad sides themselves."""
+    from accel.pipelines.families import detect_family
+
+    family = detect_family(getattr(pipe, "transformer", None))
+    if family is None or family.name != "flux":
+        return
+    smallest = 2 * pipe.vae_scale_factor
+    for name, value in (("height", args.height), ("width", args.width)):
+        if value is not None and value < smallest:
+            raise InputError(f"--{name} {value}: FLUX's smallest side is {smallest} px; give {smallest} or more")
 
 
 def _prompts(args) -> list[str]:

@@ -66,6 +66,13 @@ def test_frames_on_an_image_model_names_the_video_models(capsys, tmp_path):
     assert "StableDiffusionPipeline makes images" in err
 
 
+def test_a_flux_side_below_its_smallest_is_refused(capsys, tmp_path):
+    # diffusers' FLUX pipeline rounds 8 px down to 0 with a warning, and the VAE then fails.
+    argv = ["compare", "--model", "flux-tiny", "--steps", "1", "--threads", "1", "--height", "8"]
+    code, err = run_cli([*argv, "--out", str(tmp_path)], capsys)
+    assert code == 2 and "--height 8: FLUX's smallest side is 16 px; give 16 or more" in err
+
+
 def test_device_without_cuda_says_what_is_available(capsys, tmp_path):
     import torch
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.utils import logging
 
 from accel.errors import InvalidOptionError, UnsupportedModelError
 from accel.kernels import controls, editing
@@ -40,6 +41,8 @@ from accel.pipelines.families import UNetFamily
 from accel.pipelines.prompts import PromptWord, noun_phrases, prompt_words
 from accel.processors.editing import EditAttnProcessor, EditController
 from accel.processors.state import LatentLayout
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -400,13 +403,15 @@ def run_edit(pipe, image, source: str, target: str, config) -> EditResult:
     raise `InvalidOptionError` naming these.
 
     Prompts whose every difference lies past the text encoder's token limit raise `InvalidOptionError` (they encode
-    the same, so the edit would be the reconstruction). The default blend words are described in `_blend_words`.
+    the same, so the edit would be the reconstruction); differences past it beside ones within it are named in a
+    warning. The default blend words are described in `_blend_words`.
     """
     check_pipeline(pipe)
     tokenizer = pipe.tokenizer
     alignment = align_prompts(tokenizer, source, target)
     source_words, target_words = prompt_words(tokenizer, source), prompt_words(tokenizer, target)
     _check_change_is_encoded(tokenizer, source, target, source_words, alignment)
+    _warn_of_changes_past_the_limit(tokenizer, source, target, source_words, target_words)
     blend_source, blend_target = _blend_words(source, target, source_words, target_words, alignment, config)
     words = _Words(
         source=source_words,
@@ -683,6 +688,26 @@ def _check_change_is_encoded(tokenizer, source: str, target: str, source_words, 
         f"prompt{last}; the first change ({change}) is word {first + 1}, so both prompts encode the same and the edit "
         f"would return the reconstruction. Shorten the prompts so that the changed words are among the first {kept}"
     )
+
+
+def _warn_of_changes_past_the_limit(tokenizer, source: str, target: str, source_words, target_words) -> None:
+    """An edit made partly within the token limit is run, but the changes past it are named: they are not made."""
+    source_keys, target_keys = [_key(w) for w in source.split()], [_key(w) for w in target.split()]
+    matcher = difflib.SequenceMatcher(a=source_keys, b=target_keys, autojunk=False)
+    dropped = [
+        (" ".join(source.split()[i1:i2]), " ".join(target.split()[j1:j2]))
+        for tag, i1, i2, j1, j2 in matcher.get_opcodes()
+        if tag != "equal" and i1 >= len(source_words) and j1 >= len(target_words)
+    ]
+    if dropped:
+        logger.warning(
+            "accel.edit: the text encoder reads %d tokens, which hold the first %d words of the source prompt and %d of "
+            "the edit prompt; these changes lie past them and are not made: %s. Shorten the prompts to make them",
+            tokenizer.model_max_length,
+            len(source_words),
+            len(target_words),
+            "; ".join(f"{old!r} -> {new!r}" for old, new in dropped),
+        )
 
 
 def _blend_words(source, target, source_words, target_words, alignment, config) -> tuple[list[int], list[int]]:

@@ -345,10 +345,29 @@ def test_a_change_past_the_token_limit_is_refused_not_reconstructed(shapes_pipe,
         accel.edit(shapes_pipe, image, source, target)
     with pytest.raises(accel.InvalidOptionError, match=r"\(adds 'and'\) is word 16"):
         accel.edit(shapes_pipe, image, source, source + " and a green star", local_blend=False)
-    # Still edits: a change within the limit (one past it is dropped, as for any prompt), and same-word prompts.
+    # Still edits: a change within the limit (one past it is dropped, with a warning), and same-word prompts.
     for other in (target.replace("green", "blue"), source.upper() + ".", source):
         words = prompt_words(tokenizer, source)
         _check_change_is_encoded(tokenizer, source, other, words, align_prompts(tokenizer, source, other))
+
+
+def test_the_part_of_an_edit_past_the_token_limit_is_named(tokenizer, caplog):
+    from accel.pipelines.editing import _warn_of_changes_past_the_limit
+    from accel.pipelines.prompts import prompt_words
+
+    source = "a red circle and a blue square and a green star and a red circle"
+    words = prompt_words(tokenizer, source)
+    both = "a red circle and a blue square and a blue star and a red square"
+    with caplog.at_level("WARNING", logger="accel.pipelines.editing"):
+        _warn_of_changes_past_the_limit(tokenizer, source, both, words, prompt_words(tokenizer, both))
+    assert "first 14 words of the source prompt and 14 of the edit prompt" in caplog.text
+    assert "not made: 'circle' -> 'square'" in caplog.text and "green" not in caplog.text
+    caplog.clear()
+    # A word added within the limit pushes the last word of the edit prompt past it: that is no change past it.
+    added = source.replace("a blue square", "a big blue square")
+    with caplog.at_level("WARNING", logger="accel.pipelines.editing"):
+        _warn_of_changes_past_the_limit(tokenizer, source, added, words, prompt_words(tokenizer, added))
+    assert caplog.text == ""
 
 
 @pytest.mark.parametrize(

@@ -61,7 +61,7 @@ class StepStateHook(ModelHook):
         """
         from diffusers import DiffusionPipeline
 
-        frame = sys._getframe(2)
+        frame = sys._getframe(1)
         for _ in range(_CALLER_SEARCH_DEPTH):
             if frame is None:
                 break

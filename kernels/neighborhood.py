@@ -402,13 +402,28 @@ def _tiled_one_grid(query, key, value, neighborhood, extra_key, extra_value, ext
     key_shape = (chunk, batch, lead_side, *box_others, heads, dim)
     value_shape = (chunk, batch, lead_side, *box_others, heads, value_dim)
     sizes = [math.prod(shape) for shape in (query_shape, key_shape, value_shape)]
-    flat = _scratch(sum(sizes), query.dtype, query.device)
-    query_buffer, key_buffer, value_buffer = (
-        part.view(shape) for part, shape in zip(flat.split(sizes), (query_shape, key_shape, value_shape), strict=True)
+    # Under autograd (latent guidance composed with GNA) a chunk's copies are saved for the backward pass, so each
+    # chunk gets buffers of its own, zeroed: a partial tile's unused query rows must not carry NaNs into key gradients.
+    tracked = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, value, extra_key, extra_value)
     )
+
+    def buffers():
+        if tracked:
+            flat = torch.zeros(sum(sizes), dtype=query.dtype, device=query.device)
+        else:
+            flat = _scratch(sum(sizes), query.dtype, query.device)
+        # Slices rather than ``split``: autograd refuses in-place copies into views from a multi-view op.
+        starts = (0, sizes[0], sizes[0] + sizes[1])
+        shapes = (query_shape, key_shape, value_shape)
+        return (flat[a : a + n].view(shape) for a, n, shape in zip(starts, sizes, shapes, strict=True))
+
+    query_buffer, key_buffer, value_buffer = buffers()
     everything = (slice(None), slice(None))
 
     for first in range(0, len(strips), chunk):
+        if tracked and first:
+            query_buffer, key_buffer, value_buffer = buffers()
         chunk_strips = strips[first : first + chunk]
         count = len(chunk_strips)
         for slot, (_, queries, filled, boxes) in enumerate(chunk_strips):

@@ -53,12 +53,15 @@ def attention_with_lse(query, key, value, mask=None, key_padding=None):
     Tensors are ``[N, H, S, D]``. ``mask`` is additive (``-inf`` = not attended), broadcastable to the scores, and
     must leave every row a key. ``key_padding`` is ``[N, Sk]`` booleans (False = padding) and may leave a sample
     none: its rows come back as output 0 and lse ``-inf``, so they weigh nothing in a merge (the fused CPU kernel
-    alone would return lse 0). A fused kernel on CPU; written out elsewhere.
+    alone would return lse 0). A fused kernel on CPU; written out elsewhere and wherever gradients are tracked.
     """
     if key_padding is not None:
         mask = torch.zeros(key_padding.shape[0], 1, 1, key_padding.shape[1], dtype=query.dtype, device=query.device)
         mask.masked_fill_(~key_padding.to(torch.bool)[:, None, None, :], float("-inf"))
-    if query.device.type == "cpu":
+    # The fused kernel's autograd treats its lse as a constant, and merges differentiate through it: under autograd
+    # (latent guidance composed with a sparse method) the written-out form runs instead.
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if query.device.type == "cpu" and not tracked:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, 0.0, False, attn_mask=mask
         )

@@ -261,3 +261,26 @@ def test_a_batch_of_prompts_with_different_subject_counts(flux):
     assert np.abs(guided[0] - reference[0]).max() > 1e-2 and np.abs(guided[1] - reference[1]).max() > 1e-2
     # The row without subjects has no loss: its latent must not take the other rows' gradient.
     assert np.array_equal(guided[2], reference[2])
+
+
+@pytest.mark.parametrize(
+    "sparse",
+    [{"name": "gna", "kernel_size": 5}, {"name": "vmoba", "blocks": [(4, 4), (2, 8)], "threshold": 0.25}],
+    ids=["gna", "vmoba"],
+)
+def test_a_star_differentiates_through_a_sparse_method_on_earlier_blocks(flux, sparse):
+    # A-STAR reads the single blocks' maps, so its gradient passes back through the double blocks' sparse attention:
+    # the CPU path must give the explicit-mask reference's gradients.
+    options = {key: value for key, value in sparse.items() if key != "name"}
+    config_class = accel.registry.method_info(sparse["name"]).config_class
+    early, late = r"transformer_blocks\..*", r"single_transformer_blocks\..*"
+    images = {}
+    for backend in ("torch", "reference"):
+        with accel.patched(
+            flux, [config_class(layers=early, backend=backend, **options), accel.AStarConfig(layers=late)]
+        ):
+            images[backend] = generate(flux)
+    with accel.patched(flux, config_class(layers=early, **options)):
+        unguided = generate(flux)
+    assert np.abs(images["torch"] - images["reference"]).max() <= 1e-4
+    assert np.abs(images["reference"] - unguided).max() > 1e-3

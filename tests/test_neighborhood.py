@@ -143,6 +143,26 @@ def test_tiles_with_text_keys_in_small_chunks_match_the_explicit_mask(grid, kern
         torch.testing.assert_close(actual, expected, atol=2e-6, rtol=2e-5)
 
 
+@pytest.mark.parametrize("dilation", [(1, 1), (2, 1)])
+def test_gradients_through_the_tiled_path_match_the_explicit_mask(dilation):
+    # Latent guidance (A-STAR composed with GNA) runs the forward with autograd on, after no-grad calls have left
+    # buffers to reuse; tiles past the grid's end leave query rows unused.
+    hood = Neighborhood.create((9, 11), (3, 5), (1, 2), dilation)
+    with torch.no_grad():
+        neighborhood_attention_tiled(*_qkv(hood.tokens), hood)
+    text_k, text_v = _qkv(4, seed=1)[:2]
+    grads = []
+    for attend in (neighborhood_attention_reference, neighborhood_attention_tiled):
+        q, k, v = (x.clone().requires_grad_() for x in _qkv(hood.tokens))
+        kwargs = {"max_chunk_bytes": 3 * 2**10} if attend is neighborhood_attention_tiled else {}
+        out = attend(q, k, v, hood, text_k, text_v, None, **kwargs)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((q.grad, k.grad, v.grad))
+    for expected, actual in zip(*grads, strict=True):
+        assert torch.isfinite(actual).all()
+        torch.testing.assert_close(actual, expected, atol=2e-5, rtol=2e-4)
+
+
 def test_kernel_as_large_as_the_grid_is_dense_attention():
     hood = Neighborhood.create((6, 10), (6, 10))
     assert hood.is_dense and hood.density() == 1.0

@@ -137,6 +137,28 @@ def test_sparse_path_equals_the_explicit_mask(grid, block, text):
     assert (ours - reference).abs().max() <= 1e-5
 
 
+def test_gradients_through_the_sparse_path_match_the_explicit_mask():
+    # Latent guidance (A-STAR composed with VMoBA) differentiates through the log-sum-exp merges.
+    generator = torch.Generator().manual_seed(11)
+    grid, block = (4, 6, 6), (2, 3, 3)
+    inputs = [torch.randn(2, math.prod(grid), 3, 8, generator=generator) for _ in range(3)]
+    extra = dict(
+        extra_key=torch.randn(2, 4, 3, 8, generator=generator),
+        extra_value=torch.randn(2, 4, 3, 8, generator=generator),
+        extra_mask=torch.tensor([[True, True, False, False], [True] * 4]),
+    )
+    partition = block_partition(grid, block)
+    selected = select_blocks(*inputs[:2], partition, 0.3)
+    grads = []
+    for attend, options in ((block_attention_reference, {}), (block_attention_sparse, {"max_chunk_bytes": 30_000})):
+        q, k, v = (x.clone().requires_grad_() for x in inputs)
+        out = attend(q, k, v, partition, selected, **extra, **options)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((q.grad, k.grad, v.grad))
+    for expected, actual in zip(*grads, strict=True):
+        torch.testing.assert_close(actual, expected, atol=2e-5, rtol=2e-4)
+
+
 def test_threshold_one_is_dense_attention():
     q, k, v = (torch.randn(1, 96, 2, 8) for _ in range(3))
     partition = block_partition((4, 4, 6), (2, 2, 3))

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from accel.kernels.reference import attention_with_lse
+from accel.kernels.reference import attention_with_lse, gradients_tracked
 
 
 @dataclass(frozen=True)
@@ -404,9 +404,7 @@ def _tiled_one_grid(query, key, value, neighborhood, extra_key, extra_value, ext
     sizes = [math.prod(shape) for shape in (query_shape, key_shape, value_shape)]
     # Under autograd (latent guidance composed with GNA) a chunk's copies are saved for the backward pass, so each
     # chunk gets buffers of its own, zeroed: a partial tile's unused query rows must not carry NaNs into key gradients.
-    tracked = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (query, key, value, extra_key, extra_value)
-    )
+    tracked = gradients_tracked(query, key, value, extra_key, extra_value)
 
     def buffers():
         if tracked:

@@ -47,6 +47,11 @@ def attention_reference(
     return torch.einsum("bhqk,bkhd->bqhd", probs, value).to(dtype)
 
 
+def gradients_tracked(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records this call (latent guidance differentiating through attention)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def attention_with_lse(query, key, value, mask=None, key_padding=None):
     """``[N, H, Sq, Dv]`` attention and its ``[N, H, Sq]`` fp32 log-sum-exp, for merging partial results exactly.
 
@@ -60,8 +65,7 @@ def attention_with_lse(query, key, value, mask=None, key_padding=None):
         mask.masked_fill_(~key_padding.to(torch.bool)[:, None, None, :], float("-inf"))
     # The fused kernel's autograd treats its lse as a constant, and merges differentiate through it: under autograd
     # (latent guidance composed with a sparse method) the written-out form runs instead.
-    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    if query.device.type == "cpu" and not tracked:
+    if query.device.type == "cpu" and not gradients_tracked(query, key, value):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, key, value, 0.0, False, attn_mask=mask
         )

@@ -22,9 +22,12 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.utils import logging
 
 from accel.processors.parallel import sequence_shards
 from accel.processors.state import PatchContext
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,15 @@ class AttentionCall:
     text_first: bool = False
 
 
-def resolve_kernel_backend(method: str, backend: str, device: torch.device) -> str:
-    """The kernel a method runs on ``device``: ``backend`` checked, or ``"auto"`` resolved (Triton on CUDA)."""
+def resolve_kernel_backend(
+    method: str, backend: str, device: torch.device, tracked: bool = False, context: PatchContext | None = None
+) -> str:
+    """The kernel a method runs on ``device``: ``backend`` checked, or ``"auto"`` resolved (Triton on CUDA).
+
+    The Triton kernels have no backward pass, so where autograd records the call (``tracked``: latent guidance
+    composed with this method) the torch path runs, whose gradients are tested against the reference; a Triton
+    backend asked for by name says so once per patch (``context``).
+    """
     from accel.kernels.block_sparse import triton_usable
 
     if backend == "triton" and not triton_usable(device):
@@ -56,9 +66,19 @@ def resolve_kernel_backend(method: str, backend: str, device: torch.device) -> s
             f"{method}: backend='triton' needs a CUDA device and triton (tensors are on {device}); "
             "use backend='torch' or 'auto'"
         )
-    if backend != "auto":
-        return backend
-    return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
+    resolved = backend
+    if backend == "auto":
+        resolved = "triton" if device.type == "cuda" and triton_usable(device) else "torch"
+    if resolved != "triton" or not tracked:
+        return resolved
+    if backend == "triton" and context is not None and (method, "triton-backward") not in context.warned:
+        context.warned.add((method, "triton-backward"))
+        logger.warning(
+            "%s: the Triton kernel has no backward pass, so calls that record gradients (latent guidance such as "
+            "A-STAR) run the torch path",
+            method,
+        )
+    return "torch"
 
 
 class DenseAttentionProcessorBase:

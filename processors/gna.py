@@ -15,6 +15,7 @@ from accel.kernels.neighborhood import (
     neighborhood_attention_reference,
     neighborhood_attention_tiled,
 )
+from accel.kernels.reference import gradients_tracked
 from accel.processors.dense import AttentionCall, DenseFluxAttnProcessor, DenseHunyuanVideoAttnProcessor
 from accel.processors.joint import JointVisualAttend
 from accel.processors.state import PatchContext
@@ -62,7 +63,7 @@ class _NeighborhoodAttend(JointVisualAttend):
         return None if neighborhood.is_dense else neighborhood
 
     def _visual_attention(self, query, key, value, text_key, text_value, text_mask, neighborhood):
-        backend = self._backend_for(query.device)
+        backend = self._backend_for(query.device, gradients_tracked(query, key, value, text_key, text_value))
         if backend == "triton":
             from accel.kernels.block_sparse import block_sparse_attention
 

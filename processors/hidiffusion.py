@@ -6,6 +6,7 @@ import hashlib
 
 from diffusers.utils import logging
 
+from accel.kernels.reference import gradients_tracked
 from accel.kernels.windows import shifted_window_attention, windows_divide
 from accel.processors.dense import AttentionCall, DenseAttnProcessor, resolve_kernel_backend
 from accel.processors.state import PatchContext
@@ -54,7 +55,8 @@ class MSWMSAAttnProcessor(DenseAttnProcessor):
         windows = self._fitting_windows(grid)
         if windows == (1, 1):
             return super().attend(query, key, value, attention_mask, call)
-        backend = resolve_kernel_backend("hidiffusion", self.backend, query.device)
+        tracked = gradients_tracked(query, key, value)
+        backend = resolve_kernel_backend("hidiffusion", self.backend, query.device, tracked, self.context)
         if backend == "triton" and not windows_divide(grid, windows):
             if grid not in self._warned_padded:
                 self._warned_padded.add(grid)

@@ -68,8 +68,8 @@ class JointVisualAttend:
         parts = [text_out, visual_out] if call.text_first else [visual_out, text_out]
         return torch.cat([part.to(query.dtype) for part in parts], dim=1)
 
-    def _backend_for(self, device: torch.device) -> str:
-        return resolve_kernel_backend(self.method, self.backend, device)
+    def _backend_for(self, device: torch.device, tracked: bool = False) -> str:
+        return resolve_kernel_backend(self.method, self.backend, device, tracked, self.context)
 
     def _dense_step(self) -> bool:
         """Whether this call falls in the first ``dense_steps`` steps (known only when a pipeline was patched)."""

@@ -87,6 +87,8 @@ class PatchContext:
     layout: LatentLayout | None = None
     # Method-owned per-generation state (attention stores, caches) keyed by method name; cleared on reset.
     scratch: dict[str, object] = field(default_factory=dict)
+    # One-time notices already given under this patch (not cleared per generation).
+    warned: set[tuple[str, str]] = field(default_factory=set)
 
     def reset(self) -> None:
         self.step = None

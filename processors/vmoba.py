@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from accel.kernels.reference import gradients_tracked
 from accel.kernels.vmoba import (
     BlockPartition,
     block_attention_reference,
@@ -52,7 +53,7 @@ class _BlockAttend(JointVisualAttend):
 
     def _visual_attention(self, query, key, value, text_key, text_value, text_mask, partition):
         selected = select_blocks(query, key, partition, self.threshold)
-        backend = self._backend_for(query.device)
+        backend = self._backend_for(query.device, gradients_tracked(query, key, value, text_key, text_value))
         if backend == "triton":
             from accel.kernels.block_sparse import block_select_attention
 

@@ -157,3 +157,20 @@ def test_vmoba_kernel_rejects_a_mismatched_selection():
     q, k, v, _, _ = _inputs(partition.tokens, 2, 16, torch.float32)
     with pytest.raises(ValueError, match=r"selected must be \[B, H, S, C\]"):
         block_sparse.block_select_attention(q, k, v, partition, torch.ones(2, 2, 32, 3, dtype=torch.bool))
+
+
+def test_calls_that_record_gradients_leave_the_triton_kernels_for_the_torch_path(monkeypatch, caplog):
+    # The Triton kernels have no backward pass: under latent guidance their outputs would cut the gradient.
+    from accel.processors.dense import resolve_kernel_backend
+    from accel.processors.state import PatchContext
+
+    monkeypatch.setattr(block_sparse, "triton_usable", lambda device: True)
+    cuda = torch.device("cuda")
+    assert resolve_kernel_backend("gna", "auto", cuda) == "triton"
+    assert resolve_kernel_backend("gna", "auto", cuda, tracked=True) == "torch"
+    context = PatchContext(family="flux")
+    with caplog.at_level("WARNING", logger="accel.processors.dense"):
+        for _ in range(3):
+            assert resolve_kernel_backend("vmoba", "triton", cuda, tracked=True, context=context) == "torch"
+    assert caplog.text.count("vmoba: the Triton kernel has no backward pass") == 1
+    assert resolve_kernel_backend("vmoba", "triton", cuda, context=context) == "triton"

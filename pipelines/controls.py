@@ -20,6 +20,7 @@ What differs between the families:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -406,6 +407,9 @@ class LatentGuidanceHook(ModelHook):
         # A step the user set on the instance (a wrapper of their own) comes back on unpatch, not the class's.
         own_step = vars(scheduler).get("step", _NO_OWN_STEP)
 
+        # The original's signature shows through: pipelines pass ``eta`` and ``generator`` only to a step that names
+        # them (``prepare_extra_step_kwargs`` reads it).
+        @functools.wraps(original)
         def step(model_output, timestep, sample, *args, **kwargs):
             update, state.pending_update = state.pending_update, None
             if update is not None:

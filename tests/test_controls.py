@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from helpers import controlnet_pipeline, generate_shapes, losses_over_latent_updates
@@ -176,6 +178,25 @@ def test_a_swapped_scheduler_is_guided_too_and_restored(shapes_pipe):
             assert [s for s, _ in _guidance_state(shapes_pipe).wrapped_schedulers] == [shapes_pipe.scheduler]
         assert "step" not in vars(shapes_pipe.scheduler)
         assert abs(guided - reference).max() > 1e-3
+    finally:
+        shapes_pipe.scheduler = original
+
+
+def test_the_step_shim_keeps_eta_and_the_generator_reaching_the_scheduler(shapes_pipe):
+    # Pipelines pass eta / generator only to a step whose signature names them; the shim stays installed between
+    # calls, so a second call would lose them (DDIM's eta ignored, an ancestral sampler's noise from the global RNG).
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    original = shapes_pipe.scheduler
+    try:
+        for scheduler, options in ((original, {"eta": 0.5}), (EulerAncestralDiscreteScheduler, {})):
+            if scheduler is not original:
+                shapes_pipe.scheduler = scheduler.from_config(original.config)
+            with accel.patched(shapes_pipe, "astar"):
+                first = generate_shapes(shapes_pipe, PROMPT, **options)
+                torch.manual_seed(123)  # the global RNG must not matter
+                assert (generate_shapes(shapes_pipe, PROMPT, **options) == first).all()
+                assert "generator" in inspect.signature(shapes_pipe.scheduler.step).parameters
     finally:
         shapes_pipe.scheduler = original
 

@@ -19,6 +19,7 @@ import inspect
 
 import torch
 from diffusers.hooks import ModelHook
+from diffusers.utils import logging
 
 from accel.errors import InvalidOptionError
 from accel.pipelines.controls import CacheContextName, PromptEncoding, RecentEncodings
@@ -31,6 +32,8 @@ from accel.pipelines.prompts import (
     token_count,
 )
 from accel.processors.structured import StructuredValues
+
+logger = logging.get_logger(__name__)
 
 TEXT_HOOK_NAME = "accel_structured_text"
 
@@ -180,6 +183,7 @@ class StructuredTextHook(ModelHook):
         super().__init__()
         self.encodings = encodings
         self.call_name = CacheContextName()
+        self._warned_unmatched = False
 
     def initialize_hook(self, module):
         self._signature = inspect.signature(module.forward)
@@ -195,7 +199,15 @@ class StructuredTextHook(ModelHook):
         text = bound.arguments.get("encoder_hidden_states")
         matched = self.encodings.match(text)
         if matched is None:
-            return args, kwargs  # not an encoded prompt's text (another call): left as it is
+            # Not a prompt its pipeline encoded: left as it is, and the user is told once.
+            if text is not None and not self._warned_unmatched:
+                logger.warning(
+                    "structured: the transformer was called with text embeddings its patched pipeline did not encode "
+                    "(another pipeline sharing this transformer, e.g. one made with from_pipe, or a direct call), so "
+                    "they are the prompt's own; patch the pipeline you call"
+                )
+                self._warned_unmatched = True
+            return args, kwargs
         encoding, guidance_batch = matched
         if encoding.error is not None:
             raise encoding.error

@@ -284,3 +284,26 @@ def test_a_star_differentiates_through_a_sparse_method_on_earlier_blocks(flux, s
         unguided = generate(flux)
     assert np.abs(images["torch"] - images["reference"]).max() <= 1e-4
     assert np.abs(images["reference"] - unguided).max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["astar", "structured"])
+def test_a_pipeline_sharing_the_patched_transformer_is_told_it_is_not_controlled(flux, method, caplog):
+    from diffusers import FluxImg2ImgPipeline
+
+    with accel.patched(flux, method), caplog.at_level("WARNING"):
+        generate(flux, steps=2)
+        assert "did not encode" not in caplog.text  # its own pipeline: no warning
+        other = FluxImg2ImgPipeline.from_pipe(flux)
+        other.set_progress_bar_config(disable=True)
+        image = np.zeros((SIZE, SIZE, 3), dtype=np.float32)
+        other(
+            "a green star and a yellow circle",
+            image=image,
+            strength=0.9,
+            num_inference_steps=3,
+            height=SIZE,
+            width=SIZE,
+            max_sequence_length=TEXT_TOKENS,
+            output_type="np",
+        )
+    assert f"{method}: the " in caplog.text and "its patched pipeline did not encode" in caplog.text

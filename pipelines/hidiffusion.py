@@ -26,8 +26,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers.hooks import ModelHook
+from diffusers.utils import logging
 
 from accel.processors.state import PatchContext
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,15 @@ class RAUNetState:
             return
         defaults = default_switches(max(layout.grid) / self.training_size)
         switches = [d if c is None else c for c, d in zip(self.switches, defaults, strict=True)]
+        notice = ("hidiffusion", f"raunet off {layout.grid}")
+        if not any(switches) and all(c is None for c in self.switches) and notice not in self.context.warned:
+            self.context.warned.add(notice)
+            logger.warning(
+                "hidiffusion: RAU-Net is off for %s latents, which are not above the UNet's training size (%d); it "
+                "acts on larger sizes (raunet_switch=... runs it anyway)",
+                "x".join(map(str, layout.grid)),
+                self.training_size,
+            )
         self.stages = tuple(step.progress < switch for switch in switches)
 
     def active(self, stage: int) -> bool:

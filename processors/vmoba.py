@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from diffusers.utils import logging
+
 from accel.kernels.reference import gradients_tracked
 from accel.kernels.vmoba import (
     BlockPartition,
@@ -15,6 +17,8 @@ from accel.kernels.vmoba import (
 from accel.processors.dense import AttentionCall, DenseFluxAttnProcessor, DenseHunyuanVideoAttnProcessor
 from accel.processors.joint import JointVisualAttend
 from accel.processors.state import PatchContext
+
+logger = logging.get_logger(__name__)
 
 # grid -> this layer's block shape (one side per axis, None for the whole axis)
 BlockShape = Callable[[tuple[int, ...]], tuple[int | None, ...]]
@@ -49,7 +53,18 @@ class _BlockAttend(JointVisualAttend):
             partition = block_partition(grid, self.block_shape(grid))
         except ValueError as error:
             raise ValueError(f"vmoba: {self.layer} at token grid {grid}: {error}") from None
-        return None if partition.num_blocks == 1 else partition
+        if partition.num_blocks > 1:
+            return partition
+        notice = ("vmoba", f"one block {grid}")
+        if notice not in self.context.warned:
+            self.context.warned.add(notice)
+            logger.warning(
+                "vmoba: the %s token grid is one block (%s), so its attention is dense; give a larger size, or "
+                "smaller blocks=[...]",
+                "x".join(map(str, grid)),
+                "x".join("all" if side is None else str(side) for side in self.block_shape(grid)),
+            )
+        return None
 
     def _visual_attention(self, query, key, value, text_key, text_value, text_mask, partition):
         selected = select_blocks(query, key, partition, self.threshold)

@@ -106,12 +106,16 @@ def deep_block_sizes(pipe, index, size, steps, **config):
     return sizes
 
 
-def test_raunet_runs_deep_blocks_small_only_early_in_the_schedule(sd):
+def test_raunet_runs_deep_blocks_small_only_early_in_the_schedule(sd, caplog):
     # sd15-tiny trains at a 16x16 latent; 256 px gives 32x32, twice that: stage 1 until 0.4 of the schedule.
-    sizes = deep_block_sizes(sd, 1, (256, 256), steps=5)
+    with caplog.at_level("WARNING", logger="accel.pipelines.hidiffusion"):
+        sizes = deep_block_sizes(sd, 1, (256, 256), steps=5)
     assert sizes == [(8, 8)] * 2 + [(16, 16)] * 3
-    # At the training size RAU-Net stays off unless a switch is given.
-    assert deep_block_sizes(sd, 1, (128, 128), steps=2) == [(8, 8)] * 2
+    assert "RAU-Net is off" not in caplog.text
+    # At the training size RAU-Net stays off unless a switch is given, and says so once.
+    with caplog.at_level("WARNING", logger="accel.pipelines.hidiffusion"):
+        assert deep_block_sizes(sd, 1, (128, 128), steps=2) == [(8, 8)] * 2
+    assert caplog.text.count("RAU-Net is off for 16x16 latents") == 1
     assert deep_block_sizes(sd, 1, (128, 128), steps=2, raunet_switch=1.0) == [(4, 4)] * 2
 
 

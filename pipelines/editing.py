@@ -297,8 +297,13 @@ def image_latents(pipe, image) -> torch.Tensor:
     """The image's VAE latent (posterior mean, scaled), checking that its size suits the UNet. ``image``: see
     `_rgb_image` (alpha is dropped)."""
     image = _rgb_image(image)
-    pixels = pipe.image_processor.preprocess(image)
-    height, width = pixels.shape[-2:]
+    # Checked before the image processor, which would resize the image to its own multiple without a word.
+    if isinstance(image, np.ndarray):
+        height, width = image.shape[-3:-1]
+    elif isinstance(image, torch.Tensor):
+        height, width = image.shape[-2:]
+    else:
+        height, width = image.height, image.width
     multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.down_block_types) - 1)
     if height % multiple or width % multiple:
         fit = (max(multiple, round(height / multiple) * multiple), max(multiple, round(width / multiple) * multiple))
@@ -306,6 +311,7 @@ def image_latents(pipe, image) -> torch.Tensor:
             f"accel.edit: the image is {width}x{height}; this pipeline needs sides divisible by {multiple} "
             f"(VAE factor {pipe.vae_scale_factor} x the UNet's down-sampling): resize it, e.g. to {fit[1]}x{fit[0]}"
         )
+    pixels = pipe.image_processor.preprocess(image)
     vae = pipe.vae
     with torch.no_grad():
         latent = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
@@ -423,7 +429,8 @@ def run_edit(pipe, image, source: str, target: str, config) -> EditResult:
     equalizer = _equalizer(tokenizer, target_words, config.reweight)
 
     unet = pipe.unet
-    latent = image_latents(pipe, image).to(unet.device)
+    with torch.inference_mode(False):
+        latent = image_latents(pipe, image).to(unet.device)
     layout = LatentLayout(grid=tuple(latent.shape[-2:]))
     controller = EditController(layout=layout, map_side=config.map_side)
     # Self-attention is clustered at half the latent's resolution (DPL: 32 x 32 of SD's 64 x 64).
@@ -446,7 +453,9 @@ def run_edit(pipe, image, source: str, target: str, config) -> EditResult:
         for name, dtype in dtypes.items():
             if dtype != torch.float32:
                 getattr(pipe, name).float()
-        return _edit(pipe, latent, source, target, config, controller, alignment, words, equalizer)
+        # Inversion and DPL differentiate through the UNet, also when the caller runs under no_grad or inference_mode.
+        with torch.inference_mode(False), torch.enable_grad():
+            return _edit(pipe, latent, source, target, config, controller, alignment, words, equalizer)
     finally:
         unet.set_attn_processor(originals)
         for name, dtype in dtypes.items():
@@ -602,8 +611,8 @@ def _null_text_step(predict, schedule, z, index, steps, null, conditional_embeds
 
     for _ in range(config.null_text_steps):
         loss = torch.nn.functional.mse_loss(step_to(null), goal)
-        optimizer.zero_grad()
-        loss.backward()
+        # autograd.grad, not backward: the UNet's parameters must not gather gradients of the user's model.
+        (null.grad,) = torch.autograd.grad(loss, [null])
         optimizer.step()
         if loss.item() < 1e-5 + 2e-5 * index * 50 / steps:
             break
@@ -642,8 +651,9 @@ def _learn_tokens(
         done = balance.item() < targets[0] and leakage.item() < targets[1] and disjoint.item() < targets[2]
         if done or iteration == config.dpl_steps:
             break
-        optimizer.zero_grad()
-        loss.backward()
+        learned = list(parameters.values())
+        for vector, grad in zip(learned, torch.autograd.grad(loss, learned, allow_unused=True), strict=True):
+            vector.grad = grad
         optimizer.step()
     losses["dpl_first"].append(first)
     losses["dpl_last"].append(last)
@@ -691,23 +701,40 @@ def _check_change_is_encoded(tokenizer, source: str, target: str, source_words, 
 
 
 def _warn_of_changes_past_the_limit(tokenizer, source: str, target: str, source_words, target_words) -> None:
-    """An edit made partly within the token limit is run, but the changes past it are named: they are not made."""
-    source_keys, target_keys = [_key(w) for w in source.split()], [_key(w) for w in target.split()]
-    matcher = difflib.SequenceMatcher(a=source_keys, b=target_keys, autojunk=False)
+    """An edit made partly within the token limit is run, but what the limit changes is named: differences past it are
+    not made, and a word both prompts share that only one of them fits in is removed (or added) by the edit."""
+    source_split, target_split = source.split(), target.split()
+    matcher = difflib.SequenceMatcher(
+        a=[_key(w) for w in source_split], b=[_key(w) for w in target_split], autojunk=False
+    )
+    read_source, read_target = len(source_words), len(target_words)
     dropped = [
-        (" ".join(source.split()[i1:i2]), " ".join(target.split()[j1:j2]))
+        (" ".join(source_split[i1:i2]), " ".join(target_split[j1:j2]))
         for tag, i1, i2, j1, j2 in matcher.get_opcodes()
-        if tag != "equal" and i1 >= len(source_words) and j1 >= len(target_words)
+        if tag != "equal" and i1 >= read_source and j1 >= read_target
     ]
+    shared = [(a + k, b + k) for a, b, size in matcher.get_matching_blocks() for k in range(size)]
+    removed = [source_split[i] for i, j in shared if i < read_source <= j]
+    added = [target_split[j] for i, j in shared if j < read_target <= i]
+    if not (dropped or removed or added):
+        return
+    effects = []
     if dropped:
-        logger.warning(
-            "accel.edit: the text encoder reads %d tokens, which hold the first %d words of the source prompt and %d of "
-            "the edit prompt; these changes lie past them and are not made: %s. Shorten the prompts to make them",
-            tokenizer.model_max_length,
-            len(source_words),
-            len(target_words),
-            "; ".join(f"{old!r} -> {new!r}" for old, new in dropped),
+        effects.append(
+            "these changes lie past them and are not made: " + "; ".join(f"{a!r} -> {b!r}" for a, b in dropped)
         )
+    if removed:
+        effects.append(f"the edit removes {', '.join(map(repr, removed))}, which the edit prompt pushes past them")
+    if added:
+        effects.append(f"the edit adds {', '.join(map(repr, added))}, which the source prompt holds only past them")
+    logger.warning(
+        "accel.edit: the text encoder reads %d tokens, which hold the first %d words of the source prompt and %d of "
+        "the edit prompt; %s. Shorten the prompts so that both hold every word that matters",
+        tokenizer.model_max_length,
+        read_source,
+        read_target,
+        "; ".join(effects),
+    )
 
 
 def _blend_words(source, target, source_words, target_words, alignment, config) -> tuple[list[int], list[int]]:

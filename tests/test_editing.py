@@ -159,6 +159,24 @@ def test_dpl_learning_lowers_its_loss_and_finds_a_background(shapes_pipe, case):
     assert result.background is not None and result.background.ndim == 2
 
 
+@pytest.mark.parametrize("method", ["p2p", "dpl"])
+def test_edit_leaves_no_gradients_and_runs_under_no_grad(shapes_pipe, case, method):
+    # Inversion and DPL differentiate through the UNet and text encoder; the user's models must not gather
+    # gradients, and a caller's no_grad / inference_mode must not break the edit.
+    scene, image = case
+    target = scene.caption.replace(scene.objects[0].colour, "green", 1)
+    options = dict(method=method, num_inference_steps=2, null_text_steps=2, guidance_scale=6.0)
+    if method == "dpl":
+        options.update(dpl_steps=2, dpl_lr=0.05)
+    plain = accel.edit(shapes_pipe, image, scene.caption, target, **options)
+    models = (shapes_pipe.unet, shapes_pipe.text_encoder)
+    assert not [name for model in models for name, p in model.named_parameters() if p.grad is not None]
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            result = accel.edit(shapes_pipe, image, scene.caption, target, **options)
+        assert np.array_equal(np.asarray(result.image), np.asarray(plain.image))
+
+
 def test_edit_restores_processors_even_on_error(shapes_pipe, case, monkeypatch):
     from accel.pipelines import editing as editing_pipeline
 
@@ -185,6 +203,9 @@ def test_bad_input_is_refused_with_the_fix(shapes_pipe, case, tiny_pipelines):
         accel.edit(shapes_pipe, image, scene.caption, scene.caption, reweight={"zebra": 2.0})
     with pytest.raises(accel.InvalidOptionError, match="divisible by 32.*resize it"):
         accel.edit(shapes_pipe, image[:48], scene.caption, scene.caption)
+    # Sizes the image processor would round to its own multiple of 8 are refused too, quoting the size given.
+    with pytest.raises(accel.InvalidOptionError, match="the image is 66x66; .*divisible by 32"):
+        accel.edit(shapes_pipe, np.pad(image, ((1, 1), (1, 1), (0, 0))), scene.caption, scene.caption)
     with pytest.raises(accel.InvalidOptionError, match="cross_replace"):
         accel.EditConfig(cross_replace=1.5)
     with pytest.raises(accel.InvalidOptionError, match="method"):
@@ -363,10 +384,22 @@ def test_the_part_of_an_edit_past_the_token_limit_is_named(tokenizer, caplog):
     assert "first 14 words of the source prompt and 14 of the edit prompt" in caplog.text
     assert "not made: 'circle' -> 'square'" in caplog.text and "green" not in caplog.text
     caplog.clear()
-    # A word added within the limit pushes the last word of the edit prompt past it: that is no change past it.
+    # A word added within the limit pushes a shared word of the edit prompt past it: the edit would remove it.
     added = source.replace("a blue square", "a big blue square")
     with caplog.at_level("WARNING", logger="accel.pipelines.editing"):
         _warn_of_changes_past_the_limit(tokenizer, source, added, words, prompt_words(tokenizer, added))
+    assert "the edit removes 'red', which the edit prompt pushes past them" in caplog.text
+    assert "not made" not in caplog.text
+    caplog.clear()
+    # The other way: a word dropped within the limit brings a shared word of the source's tail into the edit prompt.
+    with caplog.at_level("WARNING", logger="accel.pipelines.editing"):
+        _warn_of_changes_past_the_limit(tokenizer, added, source, prompt_words(tokenizer, added), words)
+    assert "the edit adds 'red', which the source prompt holds only past them" in caplog.text
+    caplog.clear()
+    # Within the limit, no word moves across it: nothing to say.
+    swapped = source.replace("green", "blue")
+    with caplog.at_level("WARNING", logger="accel.pipelines.editing"):
+        _warn_of_changes_past_the_limit(tokenizer, source, swapped, words, prompt_words(tokenizer, swapped))
     assert caplog.text == ""
 
 

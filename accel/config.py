@@ -595,8 +595,7 @@ ASTAR_SUBJECTS = ("nouns", "phrases")
 
 @dataclass(kw_only=True)
 class AStarConfig(MethodConfig):
-    """A-STAR (SD 1.x / 2.x, SDXL, FLUX): test-time latent updates that keep the subjects' text attention apart and
-    stable.
+    """A-STAR (SD 1.x / 2.x, SDXL, FLUX): test-time latent updates keeping the subjects' attention apart and stable.
 
     At every guided step one extra UNet forward on the conditional latent records the cross-attention maps of the
     level nearest ``map_side`` (16 x 16: A&E's and A-STAR's resolution); each subject's map is the per-pixel softmax
@@ -706,7 +705,7 @@ class EditConfig(_KnowsGivenOptions):
         method (`str`, defaults to `"dpl"`): ``"dpl"`` or ``"p2p"`` (null-text inversion + Prompt-to-Prompt).
         num_inference_steps (`int`, defaults to `50`): DDIM steps of inversion and edit.
         guidance_scale (`float`, defaults to `7.5`): classifier-free guidance of the edit (and of null-text
-            inversion, which makes the source branch reconstruct the image at this scale).
+            inversion, which makes the source branch reconstruct the image at this scale); at least 1.
         null_text_steps (`int`, defaults to `10`): Adam iterations per step on the unconditional embedding (stopping
             early once the latent error is below ``1e-5 + 2e-5 · i`` in 50-step units).
         null_text_lr (`float`, defaults to `1e-2`): their learning rate at the first step, falling linearly to half.
@@ -740,7 +739,7 @@ class EditConfig(_KnowsGivenOptions):
             each loss's early-stop target at step ``i`` is ``target · exp(−i / decay)`` (in 50-step units).
         dpl_clusters (`int`, defaults to `5`): k-means clusters of the inversion's self-attention; the clusters
             that no noun's map claims (normalised mean above 0.2) are the background.
-        seed (`int`, defaults to `0`): seed of the k-means initialisation.
+        seed (`int`, defaults to `0`): seed of DPL's k-means initialisation.
     """
 
     method: str = field(default="dpl", metadata={"choices": EDIT_METHODS})
@@ -785,6 +784,9 @@ class EditConfig(_KnowsGivenOptions):
         for option in ("guidance_scale", "null_text_lr", "dpl_lr"):
             if not _is_number(getattr(self, option)) or getattr(self, option) < 0:
                 fail(option, "must be a non-negative finite number")
+        if self.guidance_scale < 1:
+            # Below 1 the edit prompt weighs less than the null text; at 0 the edit is the reconstruction.
+            fail("guidance_scale", "must be at least 1 (1: the prompts alone, no classifier-free guidance)")
         for option in ("cross_replace", "self_replace", "blend_start", "self_replace_side"):
             if not _is_number(getattr(self, option)) or not 0.0 <= getattr(self, option) <= 1.0:
                 fail(option, "must be a fraction in [0, 1]")
@@ -822,6 +824,7 @@ class EditConfig(_KnowsGivenOptions):
             "dpl_targets",
             "dpl_decays",
             "dpl_clusters",
+            "seed",
         )
         if self.method == "p2p":
             for option in dpl_options:
@@ -831,6 +834,14 @@ class EditConfig(_KnowsGivenOptions):
             for option in ("blend_words", "blend_threshold", "blend_start"):
                 if self.is_set(option):
                     fail(option, "shapes the local blend, which local_blend=False turns off: drop it or blend")
+        if self.null_text_steps == 0 and self.is_set("null_text_lr"):
+            fail("null_text_lr", "sets null-text inversion's Adam, which null_text_steps=0 does not run: drop it")
+        if self.method == "dpl" and self.dpl_steps == 0:
+            for option in ("dpl_lr", "dpl_weights", "dpl_targets", "dpl_decays"):
+                if self.is_set(option):
+                    fail(option, "shapes DPL's iterations, which dpl_steps=0 does not run: drop it")
+        if self.reweight is not None and self.cross_replace == 0:
+            fail("reweight", "scales the source's maps while they are injected, and cross_replace=0 injects none")
 
     def to_dict(self) -> dict[str, Any]:
         """The options that differ from the defaults: ``EditConfig(**config.to_dict())`` is ``config`` again."""

@@ -147,6 +147,25 @@ def test_edit_non_sequences_are_invalid_options_not_type_errors(options, words):
     assert words in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"method": "p2p", "seed": 3}, "seed=3 sets Dynamic Prompt Learning, which method='p2p' does not run"),
+        ({"reweight": {"green": 2.0}, "cross_replace": 0}, "cross_replace=0 injects none"),
+        ({"null_text_steps": 0, "null_text_lr": 0.1}, "null_text_steps=0 does not run"),
+        ({"dpl_steps": 0, "dpl_lr": 0.1}, "dpl_lr=0.1 shapes DPL's iterations, which dpl_steps=0 does not run"),
+        ({"guidance_scale": 0}, "guidance_scale=0 must be at least 1"),
+        ({"guidance_scale": 0.5}, "must be at least 1"),
+    ],
+)
+def test_edit_options_that_would_do_nothing_are_refused(options, words):
+    with pytest.raises(InvalidOptionError) as error:
+        EditConfig(**options)
+    assert words in str(error.value)
+    # The same options where they act are accepted.
+    EditConfig(guidance_scale=1.0, null_text_lr=0.1, dpl_lr=0.1, reweight={"green": 2.0}, seed=3)
+
+
 def test_astar_non_sequence_tokens_are_invalid_options():
     with pytest.raises(InvalidOptionError, match="tokens=1.5 must be a non-empty list"):
         AStarConfig(tokens=1.5)

@@ -203,7 +203,7 @@ def apply_structured(plan: PatchPlan, config: StructuredConfig) -> None:
         encodings = RecentEncodings()
         wrapper = structured.flux_encode_prompt_wrapper(pipe, encodings, config.noun_phrases, config.parser)
         plan.wrap_pipeline("encode_prompt", wrapper)
-        plan.add_hook(plan.denoiser, structured.StructuredTextHook(encodings), structured.TEXT_HOOK_NAME)
+        plan.add_hook(plan.denoiser, structured.StructuredTextHook(encodings, plan.context), structured.TEXT_HOOK_NAME)
         return
     shared = StructuredValues()
     plan.wrap_pipeline(

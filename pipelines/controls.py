@@ -148,7 +148,8 @@ class GuidanceState:
     positions: list[list[tuple[int, ...]]] = field(default_factory=list)
     spans: list[tuple[int, int]] = field(default_factory=list)
     previous_regions: dict[int, torch.Tensor] = field(default_factory=dict)  # per prompt row
-    pending_update: torch.Tensor | None = None  # for the scheduler step (latent space)
+    # (model timestep, latent-space update) for the scheduler step of the guided call's own step
+    pending_update: tuple[Any, torch.Tensor] | None = None
     step_update: tuple[int, torch.Tensor] | None = None  # (step index, model-input update) for further calls
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss before the update), last call
     wrapped_schedulers: list[Any] = field(default_factory=list)
@@ -278,14 +279,15 @@ class LatentGuidanceHook(ModelHook):
         step = self.context.step
         arguments = self._signature.bind(*args, **kwargs).arguments
         latent, text = arguments[self.inputs.latent], arguments.get("encoder_hidden_states")
-        matched = None if self.call_name.name == "uncond" else state.encodings.match(text)
+        foreign = self.context.foreign_call
+        matched = None if self.call_name.name == "uncond" or foreign else state.encodings.match(text)
         if matched is None:
-            if self._follows_step_update(arguments, step):
+            if not foreign and self._follows_step_update(arguments, step):
                 return forward(**arguments)
             if self.call_name.name != "uncond" and text is not None and not self._warned_unmatched:
                 logger.warning(
-                    "%s: the denoiser was called with text embeddings its patched pipeline did not encode (another "
-                    "pipeline sharing this denoiser, e.g. one made with from_pipe, or a direct call), so nothing is "
+                    "%s: the denoiser was called by another pipeline sharing it (e.g. one made with from_pipe) or "
+                    "with text embeddings its patched pipeline did not encode (a direct call), so nothing is "
                     "guided; patch the pipeline you call",
                     state.loss,
                 )
@@ -318,12 +320,13 @@ class LatentGuidanceHook(ModelHook):
         rows = encoding.embeds.shape[0]
         update = self._update(forward, arguments, rows, guidance_batch, step)
         scale = self._input_scale(arguments["timestep"], latent)
+        timestep = arguments["timestep"]
         if self.inputs.joint:
-            state.pending_update = update / scale
+            state.pending_update = (timestep, update / scale)
         else:
             # An inpainting UNet's input is the latent plus mask and masked-image channels: only the latent moves.
             update[:, module.config.out_channels :] = 0
-            state.pending_update = update[:, : module.config.out_channels] / scale
+            state.pending_update = (timestep, update[:, : module.config.out_channels] / scale)
         state.step_update = (step.step_index, update)
         self._ensure_step_shim()
         arguments[self.inputs.latent] = latent + _repeat_rows(update, latent)
@@ -411,9 +414,11 @@ class LatentGuidanceHook(ModelHook):
         # them (``prepare_extra_step_kwargs`` reads it).
         @functools.wraps(original)
         def step(model_output, timestep, sample, *args, **kwargs):
-            update, state.pending_update = state.pending_update, None
-            if update is not None:
-                sample = sample + _repeat_rows(update.to(sample), sample)
+            pending, state.pending_update = state.pending_update, None
+            # The step ends here: no later call (another pipeline's, a direct one) may follow its update.
+            state.step_update = None
+            if pending is not None and _same_timestep(pending[0], timestep):
+                sample = sample + _repeat_rows(pending[1].to(sample), sample)
             return original(model_output, timestep, sample, *args, **kwargs)
 
         step._accel_guidance = state
@@ -442,6 +447,14 @@ def remove_step_shims(state: GuidanceState) -> None:
     state.wrapped_schedulers.clear()
     state.pending_update = None
     state.step_update = None
+
+
+def _same_timestep(model_timestep, step_timestep) -> bool:
+    """Whether the scheduler step is the guided call's (FLUX hands the model ``t / 1000``, the scheduler ``t``; in
+    bf16 the model's is rounded, hence the 1 %)."""
+    model = float(torch.as_tensor(model_timestep).flatten()[0])
+    stepped = float(torch.as_tensor(step_timestep).flatten()[0])
+    return any(abs(model * scale - stepped) <= 0.01 * max(1.0, abs(stepped)) for scale in (1.0, 1000.0))
 
 
 def _repeat_rows(update: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

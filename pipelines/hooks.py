@@ -45,33 +45,17 @@ class StepStateHook(ModelHook):
         inputs = self._signature.bind_partial(*args, **kwargs).arguments
         self.context.layout = self.family.read_layout(module, inputs)
         timestep = self.family.timestep_of(inputs)
-        self.context.step = None if timestep is None else self._step_state(timestep, self._pipeline_running(module))
+        patched = self._pipeline() if self._pipeline is not None else None
+        running = _pipeline_on_stack(module)
+        # Controls guide only their own pipeline's calls; a sibling made with from_pipe may encode the same prompt.
+        self.context.foreign_call = running is not None and patched is not None and running is not patched
+        pipeline = running if running is not None else patched
+        self.context.step = None if timestep is None else self._step_state(timestep, pipeline)
         return args, kwargs
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.context.reset()
         return module
-
-    def _pipeline_running(self, module: torch.nn.Module) -> Any | None:
-        """The pipeline whose call is running this denoiser: the patched one, or another sharing the denoiser
-        (``from_pipe``, a ControlNet variant built from its components) with a scheduler of its own.
-
-        Nothing hands a denoiser its caller, so the call stack is read; a denoiser driven by the user's own loop
-        finds no pipeline there and is placed in the patched pipeline's schedule.
-        """
-        from diffusers import DiffusionPipeline
-
-        frame = sys._getframe(1)
-        for _ in range(_CALLER_SEARCH_DEPTH):
-            if frame is None:
-                break
-            caller = frame.f_locals.get("self")
-            if isinstance(caller, DiffusionPipeline) and any(
-                getattr(caller, name, None) is module for name in _DENOISER_NAMES
-            ):
-                return caller
-            frame = frame.f_back
-        return self._pipeline() if self._pipeline is not None else None
 
     def _step_state(self, timestep: float, pipeline: Any | None) -> StepState:
         scheduler = getattr(pipeline, "scheduler", None)
@@ -102,6 +86,28 @@ class StepStateHook(ModelHook):
         num_steps = -(-len(schedule) // order)
         index = min(entry // order, num_steps - 1)
         return StepState(timestep, index, num_steps, index / num_steps, call_in_step=entry % order)
+
+
+def _pipeline_on_stack(module: torch.nn.Module) -> Any | None:
+    """The pipeline whose call is running this denoiser: the patched one, or another sharing the denoiser
+    (``from_pipe``, a ControlNet variant built from its components) with a scheduler of its own; ``None`` for a
+    denoiser driven by the user's own loop.
+
+    Nothing hands a denoiser its caller, so the call stack is read.
+    """
+    from diffusers import DiffusionPipeline
+
+    frame = sys._getframe(1)
+    for _ in range(_CALLER_SEARCH_DEPTH):
+        if frame is None:
+            break
+        caller = frame.f_locals.get("self")
+        if isinstance(caller, DiffusionPipeline) and any(
+            getattr(caller, name, None) is module for name in _DENOISER_NAMES
+        ):
+            return caller
+        frame = frame.f_back
+    return None
 
 
 def install_hook(module: torch.nn.Module, hook: ModelHook, name: str):

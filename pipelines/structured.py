@@ -23,6 +23,7 @@ from diffusers.utils import logging
 
 from accel.errors import InvalidOptionError
 from accel.pipelines.controls import CacheContextName, PromptEncoding, RecentEncodings
+from accel.pipelines.hooks import STEP_HOOK_NAME
 from accel.pipelines.prompts import (
     NounPhrase,
     explicit_phrases,
@@ -31,6 +32,7 @@ from accel.pipelines.prompts import (
     prompt_words,
     token_count,
 )
+from accel.processors.state import PatchContext
 from accel.processors.structured import StructuredValues
 
 logger = logging.get_logger(__name__)
@@ -179,9 +181,10 @@ class StructuredTextHook(ModelHook):
     # Stateful so that diffusers hands it the cache context (the name of a true-CFG negative call).
     _is_stateful = True
 
-    def __init__(self, encodings: RecentEncodings):
+    def __init__(self, encodings: RecentEncodings, context: PatchContext):
         super().__init__()
         self.encodings = encodings
+        self.context = context
         self.call_name = CacheContextName()
         self._warned_unmatched = False
 
@@ -197,13 +200,17 @@ class StructuredTextHook(ModelHook):
             return args, kwargs
         bound = self._signature.bind(*args, **kwargs)
         text = bound.arguments.get("encoder_hidden_states")
-        matched = self.encodings.match(text)
+        # accel's step hook sits inside this one; let it tell whose call this is first.
+        step_hook = module._diffusers_hook.get_hook(STEP_HOOK_NAME)
+        if step_hook is not None:
+            step_hook.pre_forward(module, *args, **kwargs)
+        matched = None if self.context.foreign_call else self.encodings.match(text)
         if matched is None:
-            # Not a prompt its pipeline encoded: left as it is, and the user is told once.
+            # Not its pipeline's call, or not a prompt it encoded: left as it is, and the user is told once.
             if text is not None and not self._warned_unmatched:
                 logger.warning(
-                    "structured: the transformer was called with text embeddings its patched pipeline did not encode "
-                    "(another pipeline sharing this transformer, e.g. one made with from_pipe, or a direct call), so "
+                    "structured: the transformer was called by another pipeline sharing it (e.g. one made with "
+                    "from_pipe) or with text embeddings its patched pipeline did not encode (a direct call), so "
                     "they are the prompt's own; patch the pipeline you call"
                 )
                 self._warned_unmatched = True

@@ -85,6 +85,8 @@ class PatchContext:
     family: str
     step: StepState | None = None
     layout: LatentLayout | None = None
+    # The running call comes from another pipeline sharing the denoiser (from_pipe): controls leave it alone.
+    foreign_call: bool = False
     # Method-owned per-generation state (attention stores, caches) keyed by method name; cleared on reset.
     scratch: dict[str, object] = field(default_factory=dict)
     # One-time notices already given under this patch (not cleared per generation).
@@ -93,4 +95,5 @@ class PatchContext:
     def reset(self) -> None:
         self.step = None
         self.layout = None
+        self.foreign_call = False
         self.scratch.clear()

@@ -42,15 +42,16 @@ class StructuredAttnProcessor(DenseAttnProcessor):
         conditional = context[-batch:]
         if (
             not batch
+            or (self.context is not None and self.context.foreign_call)
             or conditional.shape != prompt_embeds.shape
             or not torch.equal(conditional, prompt_embeds.to(context))
         ):
-            # Not the text its pipeline encoded: exact attention, and the user is told once.
+            # Not its pipeline's call, or not the text it encoded: exact attention, and the user is told once.
             if not self.shared.warned_unmatched:
                 logger.warning(
-                    "structured: the UNet was called with text embeddings its patched pipeline did not encode "
-                    "(another pipeline sharing this UNet, e.g. one made with from_pipe, or a direct call), so its "
-                    "values are the prompt's own; patch the pipeline you call"
+                    "structured: the UNet was called by another pipeline sharing it (e.g. one made with from_pipe) "
+                    "or with text embeddings its patched pipeline did not encode (a direct call), so its values are "
+                    "the prompt's own; patch the pipeline you call"
                 )
                 self.shared.warned_unmatched = True
             return context

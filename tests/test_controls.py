@@ -346,10 +346,15 @@ def test_default_subjects_past_the_encoded_length_are_dropped_with_a_warning(sha
 def test_a_pipeline_sharing_the_patched_unet_is_told_it_is_not_controlled(shapes_pipe, method, caplog):
     from diffusers import StableDiffusionPipeline
 
+    other = StableDiffusionPipeline.from_pipe(shapes_pipe)
+    other.set_progress_bar_config(disable=True)
+    unpatched = [generate_shapes(other, prompt, steps=2) for prompt in (PROMPT, "a green star and a yellow circle")]
     with accel.patched(shapes_pipe, method), caplog.at_level("WARNING"):
         generate_shapes(shapes_pipe, PROMPT, steps=2)
         assert "did not encode" not in caplog.text  # its own pipeline: no warning
-        other = StableDiffusionPipeline.from_pipe(shapes_pipe)
-        other.set_progress_bar_config(disable=True)
-        generate_shapes(other, "a green star and a yellow circle", steps=2)  # text shapes_pipe never encoded
+        # Neither a prompt its pipeline never encoded nor the one it just did (same embeddings) is controlled,
+        # and nothing of the patched pipeline's last call (a latent update) carries over.
+        for prompt, expected in zip((PROMPT, "a green star and a yellow circle"), unpatched, strict=True):
+            assert (generate_shapes(other, prompt, steps=2) == expected).all()
+            generate_shapes(shapes_pipe, PROMPT, steps=2)
     assert f"{method}: the " in caplog.text and "its patched pipeline did not encode" in caplog.text

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -256,9 +257,14 @@ class LatentGuidanceHook(ModelHook):
         super().__init__()
         self.state = state
         self.context = context
-        self.pipeline = pipeline
+        # Weak, so a patched denoiser (which a from_pipe sibling may hold) never keeps its pipeline alive.
+        self._pipeline = weakref.ref(pipeline)
         self.inputs = inputs
         self.call_name = CacheContextName()
+
+    @property
+    def pipeline(self):
+        return self._pipeline()
 
     def initialize_hook(self, module):
         self._signature = inspect.signature(module.forward)
@@ -279,7 +285,8 @@ class LatentGuidanceHook(ModelHook):
         step = self.context.step
         arguments = self._signature.bind(*args, **kwargs).arguments
         latent, text = arguments[self.inputs.latent], arguments.get("encoder_hidden_states")
-        foreign = self.context.foreign_call
+        # A call from a sibling, or after the patched pipeline itself is gone, is not this patch's to guide.
+        foreign = self.context.foreign_call or self.pipeline is None
         matched = None if self.call_name.name == "uncond" or foreign else state.encodings.match(text)
         if matched is None:
             if not foreign and self._follows_step_update(arguments, step):

@@ -21,6 +21,7 @@ per-resolution table).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 from diffusers.utils import logging
 
-from accel.processors.state import PatchContext
+from accel.processors.state import PatchContext, PerThread
 
 logger = logging.get_logger(__name__)
 
@@ -68,18 +69,20 @@ def default_switches(scale: float) -> tuple[float, float]:
 
 
 class RAUNetState:
-    """Per-call state shared by the RAU-Net hooks of one patch."""
+    """Per-call state shared by the RAU-Net hooks of one patch (kept per thread, as `PatchContext`'s is)."""
+
+    skip_sizes: list[torch.Size] = PerThread(list)
+    pooled_from: dict[int, torch.Size] = PerThread(dict)
+    adapter_residuals: bool = PerThread(lambda: False)
+    down_residuals: list[torch.Tensor] | None = PerThread(lambda: None)
+    mid_residual: torch.Tensor | None = PerThread(lambda: None)
+    stages: tuple[bool, bool] = PerThread(lambda: (False, False))
 
     def __init__(self, context: PatchContext, training_size: int, switches: tuple[float | None, float | None]):
         self.context = context
         self.training_size = training_size
         self.switches = switches
-        self.skip_sizes: list[torch.Size] = []
-        self.pooled_from: dict[int, torch.Size] = {}
-        self.adapter_residuals = False
-        self.down_residuals: list[torch.Tensor] | None = None
-        self.mid_residual: torch.Tensor | None = None
-        self.stages: tuple[bool, bool] = (False, False)
+        self._per_thread = threading.local()
 
     def begin_forward(self) -> None:
         """Decide once per denoiser call which stages run (``conv_in`` calls this before any other RAU-Net hook)."""

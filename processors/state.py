@@ -7,7 +7,8 @@ A denoiser hook (see ``accel.pipelines.hooks``) writes them before every forward
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -78,19 +79,61 @@ class LatentLayout:
         raise ValueError(f"{num_tokens} tokens do not match any down-sampled level of the latent grid {self.grid}")
 
 
-@dataclass
-class PatchContext:
-    """Mutable per-patch state shared by one model's hook (writer) and processors (readers)."""
+class PerThread:
+    """An attribute holding per-call state, kept per thread: two pipelines sharing one patched denoiser (``from_pipe``)
+    may run it at once from two threads (a server's two tabs), and each call must see its own facts.
 
-    family: str
-    step: StepState | None = None
-    layout: LatentLayout | None = None
-    # The running call comes from another pipeline sharing the denoiser (from_pipe): controls leave it alone.
-    foreign_call: bool = False
-    # Method-owned per-generation state (attention stores, caches) keyed by method name; cleared on reset.
-    scratch: dict[str, object] = field(default_factory=dict)
-    # One-time notices already given under this patch (not cleared per generation).
-    warned: set[tuple[str, str]] = field(default_factory=set)
+    The owner keeps a ``threading.local()`` as ``_per_thread``; a thread that has not set the attribute reads a fresh
+    ``default()``.
+    """
+
+    def __init__(self, default):
+        self.default = default
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, owner_instance, owner_class=None):
+        if owner_instance is None:
+            return self
+        calls = owner_instance._per_thread
+        try:
+            return getattr(calls, self.name)
+        except AttributeError:
+            value = self.default()
+            setattr(calls, self.name, value)
+            return value
+
+    def __set__(self, owner_instance, value) -> None:
+        setattr(owner_instance._per_thread, self.name, value)
+
+
+class PatchContext:
+    """Mutable per-patch state shared by one model's hook (writer) and processors (readers).
+
+    Attributes:
+        family (`str`): the model family's name.
+        step (`StepState | None`), layout (`LatentLayout | None`): the running call's facts (see those classes).
+        foreign_call (`bool`): the running call comes from another pipeline sharing the denoiser (``from_pipe``);
+            controls leave it alone.
+        scratch (`dict`): method-owned per-generation state (attention stores, caches) keyed by method name.
+        warned (`set`): one-time notices already given under this patch (kept across generations).
+
+    ``step``, ``layout``, ``foreign_call`` and ``scratch`` are kept per thread (see `PerThread`); ``reset`` clears
+    them for the calling thread.
+    """
+
+    step = PerThread(lambda: None)
+    layout = PerThread(lambda: None)
+    foreign_call = PerThread(lambda: False)
+    scratch = PerThread(dict)
+
+    def __init__(self, family: str, step: StepState | None = None, layout: LatentLayout | None = None):
+        self.family = family
+        self._per_thread = threading.local()
+        self.warned: set[tuple[str, str]] = set()
+        self.step = step
+        self.layout = layout
 
     def reset(self) -> None:
         self.step = None

@@ -223,3 +223,34 @@ def test_a_timestep_rounded_to_bf16_is_placed_by_the_pipelines_exact_one():
     assert hook._step_state(rounded, pipeline).step_index == 1
     pipeline._current_timestep = torch.tensor(500.0)  # another call's (a pipeline sharing the denoiser): ignored
     assert hook._step_state(rounded, pipeline).step_index == 0
+
+
+@pytest.mark.parametrize(("method", "options"), [("hidiffusion", {"raunet_switch": 0.5}), ("agent", {})])
+def test_siblings_sharing_a_patched_unet_run_at_once_from_two_threads(tiny_pipelines, method, options):
+    # A server's two tabs: txt2img and a from_pipe sibling with its own scheduler and step count, at the same time.
+    import threading
+
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    pipe = tiny_pipelines["sd15-tiny"]
+    with accel.patched(pipe, method, **options):
+        sibling = StableDiffusionPipeline.from_pipe(
+            pipe, scheduler=EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        )
+        sibling.set_progress_bar_config(disable=True)
+        runs = {"pipe": (pipe, 4), "sibling": (sibling, 7)}
+        alone = {key: generate(p, "sd15-tiny", steps=steps) for key, (p, steps) in runs.items()}
+        together = {key: [] for key in runs}
+
+        def work(key):
+            p, steps = runs[key]
+            for _ in range(2):
+                together[key].append(generate(p, "sd15-tiny", steps=steps))
+
+        threads = [threading.Thread(target=work, args=(key,)) for key in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    for key in runs:
+        assert len(together[key]) == 2 and all((image == alone[key]).all() for image in together[key])

@@ -8,6 +8,7 @@ layer's ``to_q`` (and ``norm_q``), so they are pooled queries, as in AgentSD.
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from accel.processors.dense import (
     DenseHunyuanVideoAttnProcessor,
 )
 from accel.processors.joint import JointVisualAttend
-from accel.processors.state import PatchContext
+from accel.processors.state import PatchContext, PerThread
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,13 @@ class _AgentSchedule:
 class AgentAttnProcessor(_AgentSchedule, DenseAttnProcessor):
     """AgentSD on a UNet self-attention layer: token merging plus agent attention early, token merging late."""
 
+    # Set by ``__call__`` for the duration of one call: (attention module, agent hidden states); per thread, since
+    # pipelines sharing the UNet may call it at once.
+    _agent_inputs: tuple[torch.nn.Module, torch.Tensor] | None = PerThread(lambda: None)
+
     def __init__(self, context: PatchContext, layer: str, settings: AgentSettings):
         super().__init__(context=context, layer=layer, settings=settings)
-        # Set by ``__call__`` for the duration of one call: (attention module, agent hidden states).
-        self._agent_inputs: tuple[torch.nn.Module, torch.Tensor] | None = None
+        self._per_thread = threading.local()
 
     def __call__(
         self,

@@ -15,7 +15,7 @@ from accel.pipelines.families import FAMILIES, ModelFamily, detect_family
 from accel.pipelines.hooks import STEP_HOOK_NAME, StepStateHook, install_hook
 from accel.plan import PatchPlan
 from accel.processors.state import PatchContext
-from accel.registry import method_info
+from accel.registry import method_info, methods
 
 DEFAULT_METHOD = "dense"
 _HANDLE_ATTRIBUTE = "_accel_patch"
@@ -112,9 +112,13 @@ def patch(target: Any, method: MethodSpec | Sequence[MethodSpec] | None = None, 
     for config in configs:
         info = method_info(config)
         if family.name not in info.families:
+            # Family keys ("unet") are accel's internal names; users know their pipelines by model name.
+            *others, last = [FAMILIES[name].title for name in info.families]
+            supported = f"{', '.join(others)} and {last}" if others else last
+            alternatives = [other.name for other in methods() if family.name in other.families]
             raise UnsupportedModelError(
-                f"method {config.name!r} supports {', '.join(info.families)} models, not {family.name} "
-                f"({type(denoiser).__name__})"
+                f"method {config.name!r} supports {supported} pipelines, not this one ({family.title}: "
+                f"{type(denoiser).__name__}); methods that support it: {', '.join(alternatives)}"
             )
         plan.begin(config)
         info.applier(plan, config)
@@ -224,12 +228,19 @@ def _check_replaceable(plan: PatchPlan, family: ModelFamily, originals: dict[str
 
 
 def _wrap_attribute(owner: Any, attribute: str, wrapper) -> Any:
-    """Set ``owner.attribute = wrapper(current)``; return the undo, which leaves the instance as it was."""
+    """Set ``owner.attribute = wrapper(current)``; return the undo, which leaves the instance as it was.
+
+    The undo holds ``owner`` weakly: it is kept on the denoiser's handle, and a denoiser shared with a ``from_pipe``
+    sibling must not keep the patched pipeline alive."""
     had_own = attribute in vars(owner)
     previous = vars(owner).get(attribute)
     setattr(owner, attribute, wrapper(getattr(owner, attribute)))
+    owner_ref = weakref.ref(owner)
 
     def restore() -> None:
+        owner = owner_ref()
+        if owner is None:
+            return
         if had_own:
             setattr(owner, attribute, previous)
         else:

@@ -300,7 +300,10 @@ def test_third_party_methods_register_and_compose(sd, tagged_method):
 
 def test_method_refuses_families_it_does_not_support(tiny_pipelines, tagged_method):
     pipe = tiny_pipelines["flux-tiny"]
-    with pytest.raises(accel.UnsupportedModelError, match="supports unet models, not flux"):
+    with pytest.raises(
+        accel.UnsupportedModelError,
+        match=r"supports Stable Diffusion 1.x / 2.x, SDXL pipelines, not this one \(FLUX.1",
+    ):
         accel.patch(pipe, "test-tagged")
     assert accel.get_patch(pipe) is None
 
@@ -322,3 +325,19 @@ def test_two_pipelines_patched_differently_do_not_share_state(tiny_pipelines):
     finally:
         accel.unpatch(first)
         accel.unpatch(second)
+
+
+@pytest.mark.parametrize("method", ["astar", "structured"])
+def test_a_patched_denoiser_does_not_keep_its_pipeline_alive(method):
+    # A from_pipe sibling may hold the UNet long after the patched pipeline is dropped.
+    import gc
+    import weakref
+
+    pipe = accel.load_pipeline("sd15-tiny")
+    accel.patch(pipe, method)
+    unet, pipeline_ref = pipe.unet, weakref.ref(pipe)
+    del pipe
+    gc.collect()
+    assert pipeline_ref() is None
+    accel.unpatch(unet)  # what is left to restore is the denoiser's own
+    assert not hasattr(unet, "_accel_patch")

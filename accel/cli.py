@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
+import difflib
 import json
 import math
 import os
@@ -35,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     """argparse type for counts and sizes: 0 or a negative number would divide by zero, run nothing or be replaced
-    by a default without a word."""
+    by a default without a word. Shared with the demo's command line."""
     try:
         value = int(text)
     except ValueError:
@@ -45,6 +47,17 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _seed(text: str) -> int:
+    """argparse type for ``--seed``: a seed outside torch's range would fail after loading with "Overflow when
+    unpacking long long"."""
+    from accel.compare import checked_seed
+
+    try:
+        return checked_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 2**64 - 1, got {text!r}") from None
 
 
 def _finite_float(text: str) -> float:
@@ -70,6 +83,31 @@ class _OptionPairs(argparse.Action):
         if any(pair.partition("=")[0] == key for pair in pairs):
             raise argparse.ArgumentError(self, f"{key!r} is given twice; give each option once")
         setattr(namespace, self.dest, [*pairs, value])
+
+
+# Settings that have their own flag. Through --option they would reach accel.edit twice ("got multiple values for
+# keyword argument") or, for compare, be refused as method options without naming the flag that sets them.
+_EDIT_FLAGS = {"method": "--method", "num_inference_steps": "--steps", "guidance_scale": "--guidance"}
+_COMPARE_FLAGS = {
+    "method": "--method",
+    "prompt": "--prompt",
+    "height": "--height",
+    "width": "--width",
+    "num_frames": "--frames",
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "seed": "--seed",
+    "model": "--model",
+}
+
+
+def _refuse_options_with_flags(pairs: list[str], flags: dict[str, str], accepted: tuple | list = ()) -> None:
+    """An ``--option`` whose key a flag sets (and that is not one of the ``accepted`` option names) is refused with
+    that flag named."""
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key in flags and key not in accepted:
+            raise InputError(f"--option {pair}: {key} has its own flag; give {flags[key]} {value} instead")
 
 
 @contextlib.contextmanager
@@ -101,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
         action=_OptionPairs,
         default=[],
         metavar="KEY=VALUE",
-        help="method option, repeatable (JSON values)",
+        help="method option, repeatable (JSON or Python values, else text)",
     )
     compare.add_argument(
         "--prompt",
@@ -117,23 +155,23 @@ def _parser() -> argparse.ArgumentParser:
         "PartialState); each process writes its prompts' folders, the first one the combined results.json",
     )
     compare.add_argument(
-        "--height", type=_positive_int, default=None, help="pixels; default: the model's own small default"
+        "--height", type=positive_int, default=None, help="pixels; default: the model's own small default"
     )
-    compare.add_argument("--width", type=_positive_int, default=None)
+    compare.add_argument("--width", type=positive_int, default=None)
     compare.add_argument(
-        "--frames", type=_positive_int, default=None, help="video models (HunyuanVideo) only: number of frames"
+        "--frames", type=positive_int, default=None, help="video models (HunyuanVideo) only: number of frames"
     )
     compare.add_argument(
-        "--steps", type=_positive_int, default=None, help="default: the built-in model's own (else 25)"
+        "--steps", type=positive_int, default=None, help="default: the built-in model's own (else 25)"
     )
     compare.add_argument(
         "--guidance", type=_finite_float, default=None, help="guidance scale; default: the pipeline's"
     )
-    compare.add_argument("--seed", type=int, default=0)
-    compare.add_argument("--repeats", type=_positive_int, default=1, help="timed runs of each side (median reported)")
+    compare.add_argument("--seed", type=_seed, default=0, help="0 to 2**64 - 1")
+    compare.add_argument("--repeats", type=positive_int, default=1, help="timed runs of each side (median reported)")
     compare.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     compare.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    compare.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
+    compare.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: all cores)")
     compare.add_argument("--out", default="outputs", help="folder for images / videos and results.json")
     compare.set_defaults(run=_run_compare)
 
@@ -146,11 +184,15 @@ def _parser() -> argparse.ArgumentParser:
     edit.add_argument("--target", required=True, help="what it should show, e.g. 'a green circle and a blue square'")
     edit.add_argument("--method", default="dpl", choices=["dpl", "p2p"])
     edit.add_argument(
-        "--option", action=_OptionPairs, default=[], metavar="KEY=VALUE", help="accel.EditConfig field (JSON values)"
+        "--option",
+        action=_OptionPairs,
+        default=[],
+        metavar="KEY=VALUE",
+        help="accel.EditConfig field (JSON or Python values, else text)",
     )
-    edit.add_argument("--steps", type=_positive_int, default=None, help="default: 25 for shapes-sd, else 50")
+    edit.add_argument("--steps", type=positive_int, default=None, help="default: 25 for shapes-sd, else 50")
     edit.add_argument("--guidance", type=_finite_float, default=None, help="default: 6 for shapes-sd, else 7.5")
-    edit.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
+    edit.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: all cores)")
     edit.add_argument("--out", default="outputs/edit", help="folder for edited.png, reconstruction.png, results.json")
     edit.set_defaults(run=_run_edit)
     return parser
@@ -160,29 +202,23 @@ def _run_edit(args) -> int:
     import torch
 
     import accel
+    from accel.compare import load_pipeline_or_explain, strict_json
     from accel.loading import default_call_kwargs
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    _refuse_options_with_flags(args.option, _EDIT_FLAGS)
     options = parse_options(args.option)
     defaults = default_call_kwargs(args.model)
     steps = args.steps if args.steps is not None else defaults.get("num_inference_steps", 50)
     guidance = args.guidance if args.guidance is not None else defaults.get("guidance_scale", 7.5)
-    # The image and the output folder are checked before the (possibly long) model load.
+    # The options, the image and the output folder are checked before the (possibly long) model load.
+    config = _edit_config(args.method, steps, guidance, options)
     image = _open_image(args.image)
     out = _output_folder(args.out)
-    pipe = _load_pipeline(args.model)
+    pipe = load_pipeline_or_explain(args.model)
     with _call_errors_as_input_errors():
-        result = accel.edit(
-            pipe,
-            image,
-            args.source,
-            args.target,
-            method=args.method,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            **options,
-        )
+        result = accel.edit(pipe, image, args.source, args.target, config=config)
     result.image.save(out / "edited.png")
     result.reconstruction.save(out / "reconstruction.png")
     record = {
@@ -197,11 +233,27 @@ def _run_edit(args) -> int:
         "dynamic_words": result.dynamic_words,
         "seconds": result.seconds,
     }
-    (out / "results.json").write_text(json.dumps(record, indent=2))
+    (out / "results.json").write_text(strict_json(record, indent=2))
     seconds = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
     print(f"{args.method}: {args.source!r} -> {args.target!r}; blend words {result.blend_words}; {seconds}")
     print(f"wrote {out}/edited.png, reconstruction.png, results.json")
     return 0
+
+
+def _edit_config(method: str, steps: int, guidance: float, options: dict[str, Any]):
+    """The `accel.EditConfig` of the flags and options, built now so that a misspelt option or a bad value fails
+    before the model loads (accel.edit would check them only after)."""
+    import dataclasses
+
+    from accel import EditConfig
+
+    known = [f.name for f in dataclasses.fields(EditConfig) if f.name not in _EDIT_FLAGS]
+    for name in options:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"options: {', '.join(known)}"
+            raise InputError(f"--option {name}: accel.EditConfig has no such field; {hint}")
+    return EditConfig(method=method, num_inference_steps=steps, guidance_scale=guidance, **options)
 
 
 def _open_image(path_text: str):
@@ -226,22 +278,6 @@ def _output_folder(path_text: str) -> Path:
     except OSError as error:
         raise InputError(f"--out {path_text} cannot be used as the output folder ({error}); give a folder") from None
     return out
-
-
-def _load_pipeline(model: str, **kwargs):
-    import accel
-
-    try:
-        return accel.load_pipeline(model, **kwargs)
-    except OSError as error:
-        # A local folder that is not a saved pipeline (no model_index.json) or lacks weight files: diffusers' message
-        # names the missing file. Hub ids are already turned into accel's own error by load_pipeline.
-        from accel.loading import builtin_names
-
-        raise InputError(
-            f"--model {model!r} could not be loaded ({error}); give a folder written by save_pretrained, a hub id "
-            f"or a built-in name: {', '.join(builtin_names())}"
-        ) from None
 
 
 def _checked_device(name: str) -> str:
@@ -280,8 +316,8 @@ def _run_methods(args) -> int:
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs to method options; values are JSON where they parse (and True / False as Python spells
-    them), text otherwise."""
+    """``KEY=VALUE`` pairs to method options; values are JSON where they parse, else Python literals (accel's own
+    messages give examples such as ``['circle']``; True / False / None), text otherwise."""
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -294,7 +330,12 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
             continue
         try:
             options[key] = json.loads(value)
+            continue
         except json.JSONDecodeError:
+            pass
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             options[key] = value
     return options
 
@@ -303,7 +344,7 @@ def _run_compare(args) -> int:
     import torch
 
     import accel
-    from accel.compare import compare
+    from accel.compare import compare, load_pipeline_or_explain, strict_json
 
     prompts = _prompts(args)
     if args.device is not None:
@@ -323,9 +364,11 @@ def _run_compare(args) -> int:
     else:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    # Validate the method and its options before spending time on loading and generating.
+    config_class = accel.registry.method_info(args.method).config_class
+    _refuse_options_with_flags(args.option, _COMPARE_FLAGS, accepted=config_class.option_names())
     options = parse_options(args.option)
-    # Validate the method before spending time on loading and generating.
-    accel.registry.method_info(args.method).config_class.from_options(**options)
+    config_class.from_options(**options)
 
     out = _output_folder(args.out)
     # One prompt on one process keeps the flat layout; otherwise prompt i goes to out/i (same on any process count).
@@ -337,8 +380,7 @@ def _run_compare(args) -> int:
     else:
         mine = numbered
 
-    pipe = _load_pipeline(args.model, dtype=dtype).to(device)
-    _check_sides(pipe, args)
+    pipe = load_pipeline_or_explain(args.model, dtype=dtype).to(device)
     rows = []
     for index, prompt in mine:
         with _call_errors_as_input_errors():
@@ -355,17 +397,20 @@ def _run_compare(args) -> int:
         result["files"] = run.save(folders[index])
         if state is not None:
             result["process"] = state.process_index
-        (folders[index] / "results.json").write_text(json.dumps(result, indent=2))
+        (folders[index] / "results.json").write_text(strict_json(result, indent=2))
         rows.append(run)
 
     if state is not None:
         state.wait_for_everyone()
     if state is None or state.is_main_process:
-        if len(folders) > 1:
+        # Several prompts, or any --distributed run (whose folders are numbered even for one prompt), get the
+        # combined results.json beside their folders.
+        if len(folders) > 1 or state is not None:
             combined = [json.loads((folder / "results.json").read_text()) for folder in folders]
-            (out / "results.json").write_text(json.dumps(combined, indent=2))
+            (out / "results.json").write_text(strict_json(combined, indent=2))
+            # strict_json spells an infinite PSNR "inf"; float() reads it back.
             table = [
-                (r["prompt"], r["plain_seconds"], r["patched_seconds"], r["psnr_db"], r["max_abs_diff"])
+                (r["prompt"], r["plain_seconds"], r["patched_seconds"], float(r["psnr_db"]), float(r["max_abs_diff"]))
                 for r in combined
             ]
         else:
@@ -380,22 +425,8 @@ def _run_compare(args) -> int:
         )  # fmt: skip
         where = f"{state.num_processes} processes, " if state is not None else ""
         steps = _call_kwargs(args, prompts[0])["num_inference_steps"]
-        print(f"{where}device {device}, {steps} steps, seed {args.seed}; outputs in {args.out}/")
+        print(f"{where}device {device}, {steps} steps, seed {args.seed}; outputs in {out}/")
     return 0
-
-
-def _check_sides(pipe, args) -> None:
-    """FLUX pipelines round a side down to a multiple of twice the VAE's factor with only a warning, so a smaller side
-    becomes 0 and fails deep inside the VAE; the other pipelines refuse bad sides themselves."""
-    from accel.pipelines.families import detect_family
-
-    family = detect_family(getattr(pipe, "transformer", None))
-    if family is None or family.name != "flux":
-        return
-    smallest = 2 * pipe.vae_scale_factor
-    for name, value in (("height", args.height), ("width", args.width)):
-        if value is not None and value < smallest:
-            raise InputError(f"--{name} {value}: FLUX's smallest side is {smallest} px; give {smallest} or more")
 
 
 def _prompts(args) -> list[str]:

@@ -10,7 +10,7 @@ Op level, on random ``[1, N, 8, 40]`` tensors (SD 1.5's top level: 320 channels,
   AgentSD processor in its agent phase (token matching, 40 % merged, merged-query agents, unmerge all included).
 
 Pipeline: seeded generations of the denoising loop (``output_type="latent"``; with ``--repeats 1``, for real-width
-models that take minutes a call, one cold call including the VAE decode) unpatched, with
+models that take minutes a call, one call including the VAE decode after an untimed warm-up call) unpatched, with
 ``accel.patch(pipe, "agent", ...)`` and, where it is installed, with ``tomesd.apply_patch`` (ratio 0.5; on SDXL
 ``max_downsample=2``, without which it merges nothing there); drift is the PSNR of decoded images against the
 unpatched ones. tomesd is a peer, not a dependency: ``pip install tomesd``.
@@ -155,7 +155,7 @@ def run_pipelines(args) -> dict:
                 "dtype": str((pipe.unet if hasattr(pipe, "unet") else pipe.transformer).dtype),
                 "size": size,
                 "steps": args.steps,
-                "timed": "one cold call, denoising + VAE decode" if args.repeats == 1 else "denoising loop, median",
+                "timed": "one warm call, denoising + VAE decode" if args.repeats == 1 else "denoising loop, median",
                 "agent_options": options,
                 "unpatched_s": unpatched_s,
                 "agent_s": agent_s,

@@ -273,8 +273,8 @@ def _plot_sweep(result: dict, path: Path) -> None:
 PIPELINE_CASES = {
     "flux-tiny": ({"height": 2048, "width": 2048, "max_sequence_length": 32}, {}),
     "hunyuanvideo-tiny": ({"height": 512, "width": 1024, "num_frames": 29, "max_sequence_length": 32}, {}),
-    # Real widths at the tiny models' 16K visual tokens; with --repeats 1, one cold call each (text encoding and decode
-    # included), as they take minutes.
+    # Real widths at the tiny models' 16K visual tokens; with --repeats 1, one call each after a warm-up call (text
+    # encoding and decode included), as they take minutes.
     "flux-arch": ({"height": 2048, "width": 2048, "max_sequence_length": 64}, {}),
     "hunyuanvideo-arch": ({"height": 512, "width": 1024, "num_frames": 29, "max_sequence_length": 64}, {}),
 }

@@ -7,8 +7,9 @@
 For each model and size, the unpatched pipeline, ``accel.patch(pipe, method)`` with the method's defaults for each
 method the model supports, and each method's peer package where it is installed (tomesd for ``agent``, the
 ``hidiffusion`` package for ``hidiffusion``; each with its own defaults) run the same prompt and seed. Time: the
-denoising loop (``output_type="latent"``), median of ``--repeats`` after a warm-up; with ``--repeats 1`` one cold
-call including the VAE decode. Drift: PSNR of the decoded output against the unpatched one. Results go to
+denoising loop (``output_type="latent"``), median of ``--repeats`` after a warm-up; with ``--repeats 1`` one call
+including the VAE decode, after an untimed warm-up call (each side, so the first side is not charged the pipeline's
+one-time costs). Drift: PSNR of the decoded output against the unpatched one. Results go to
 ``benchmarks/results/pipeline[-quick]/`` as JSON and a grouped-bar plot of speed-ups over unpatched.
 
 HiDiffusion's defaults depend on the size relative to the training size (``unet.config.sample_size``: 128 px for
@@ -124,7 +125,11 @@ def run(args) -> dict:
                     flush=True,
                 )
         del pipe
-    timed = "one cold call incl. VAE decode" if args.repeats == 1 else f"denoising loop, median of {args.repeats}"
+    timed = (
+        "one call incl. VAE decode, after a warm-up call"
+        if args.repeats == 1
+        else f"denoising loop, median of {args.repeats}"
+    )
     return {
         "suite": "pipeline",
         "device": device_name("auto"),

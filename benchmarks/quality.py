@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ from common import device_name, environment, save_figure
 import accel
 from accel import metrics
 from accel.cli import parse_options
+from accel.compare import strict_json
 from accel.pipelines import shapes, shapes_detector
 
 COLOUR_NAMES = list(shapes.COLOURS)
@@ -154,7 +154,7 @@ def evaluate(args) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    (out / "results.json").write_text(strict_json(result, indent=2))
     _save_grid(samples, sides, out / "grid.png")
     _plot(summary, sides, result, out / "quality.png")
     _print_summary(summary, sides, result)

@@ -17,7 +17,8 @@ import threading
 from typing import Any
 
 import accel
-from accel.compare import Comparison, compare, to_uint8
+from accel.cli import positive_int
+from accel.compare import Comparison, checked_seed, compare, load_pipeline_or_explain, to_uint8
 from accel.loading import builtin_names, default_call_kwargs
 from demo.form import DEFAULT_CHOICE, FieldSpec, config_fields, options_from_form
 
@@ -47,9 +48,11 @@ class PipelineCache:
 
         with self._lock:
             if name != self._name:
-                self._pipe = None  # free the old weights before loading the new ones
+                # Free the old weights before loading the new ones; the name goes with them, so that after a failed
+                # load the next request loads its model again instead of being handed None.
+                self._pipe, self._name = None, None
                 device = "cuda" if torch.cuda.is_available() else "cpu"
-                self._pipe = accel.load_pipeline(name).to(device)
+                self._pipe = load_pipeline_or_explain(name).to(device)
                 self._name = name
             return self._pipe
 
@@ -70,7 +73,7 @@ def call_arguments(model: str, prompt: str, height, width, frames, steps) -> dic
 
 
 def timing_table(run: Comparison) -> str:
-    size = "x".join(str(run.call[k]) for k in ("num_frames", "height", "width") if k in run.call)
+    size = "x".join(str(value) for value in run.output_size.values())
     return "\n".join(
         [
             "| | unpatched | patched |",
@@ -80,7 +83,7 @@ def timing_table(run: Comparison) -> str:
             f"| PSNR vs unpatched | | {run.psnr_db:.1f} dB |",
             f"| max abs difference | | {run.max_abs_diff:.3g} |",
             "",
-            f"{run.model}, {run.method} {run.options or '(defaults)'}; {size or 'default size'}, {run.steps} steps, "
+            f"{run.model}, {run.method} {run.options or '(defaults)'}; {size}, {run.steps} steps, "
             f"seed {run.seed}, {run.device}, {run.dtype}",
         ]
     )
@@ -158,6 +161,7 @@ def build_app(cache: PipelineCache | None = None):
             options = _selected_options(method_fields, method_name, raw_settings)
             call = call_arguments(model_name, prompt_text, h, w, f, n)
             try:
+                seed = checked_seed(int(seed_value or 0))  # before loading: a seed torch refuses fails late
                 progress(0, desc=f"loading {model_name}")
                 pipe = cache.get(model_name)
                 result = compare(
@@ -166,9 +170,10 @@ def build_app(cache: PipelineCache | None = None):
                     options,
                     call,
                     model=model_name,
-                    seed=int(seed_value or 0),
+                    seed=seed,
                     repeats=int(repeat_count or 1),
                 )
+            # compare() and the loader raise these for inputs the user can fix, with the fix in the message.
             except (accel.AccelError, ValueError) as error:
                 raise gr.Error(str(error)) from None
             if result.is_video:
@@ -222,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: all cores)")
     args = parser.parse_args(argv)
 
     import torch

@@ -1,7 +1,9 @@
 """Bad command-line input ends in one line naming the fix (exit code 2), never a traceback, and is never ignored."""
 
 import pytest
+from PIL import Image
 
+import accel
 from accel.cli import main
 
 TINY = ["--model", "sd15-tiny", "--steps", "2", "--threads", "1"]
@@ -29,6 +31,9 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
         ("--frames", "0", "argument --frames: must be at least 1, got 0"),
         ("--steps", "two", "argument --steps: expected a whole number of at least 1, got 'two'"),
         ("--guidance", "nan", "argument --guidance: expected a finite number, got 'nan'"),
+        # torch's own error, after loading, was "Overflow when unpacking long long".
+        ("--seed", "99999999999999999999999", "argument --seed: expected a whole number from 0 to 2**64 - 1"),
+        ("--seed", "-1", "argument --seed: expected a whole number from 0 to 2**64 - 1, got '-1'"),
     ],
 )
 def test_compare_refuses_bad_numbers_while_parsing(capsys, tmp_path, flag, value, expected):
@@ -66,11 +71,37 @@ def test_frames_on_an_image_model_names_the_video_models(capsys, tmp_path):
     assert "StableDiffusionPipeline makes images" in err
 
 
-def test_a_flux_side_below_its_smallest_is_refused(capsys, tmp_path):
-    # diffusers' FLUX pipeline rounds 8 px down to 0 with a warning, and the VAE then fails.
-    argv = ["compare", "--model", "flux-tiny", "--steps", "1", "--threads", "1", "--height", "8"]
+@pytest.mark.parametrize(
+    ("model", "flag", "value", "expected"),
+    [
+        # diffusers' FLUX pipeline rounds 8 px down to 0 with a warning, and the VAE then fails.
+        (
+            "flux-tiny",
+            "--height",
+            "8",
+            "height (--height) 8 is not a multiple of 16: FluxPipeline would round it to 0",
+        ),
+        # ... and 24 to 16, which results.json would have recorded as 24.
+        ("flux-tiny", "--width", "24", "width (--width) 24 is not a multiple of 16: FluxPipeline would make 16 px; "),
+        ("hunyuanvideo-tiny", "--frames", "2", "HunyuanVideoPipeline would make 1 frame; give 1 or 5"),
+    ],
+)
+def test_sizes_the_pipeline_would_round_are_refused_naming_the_size_made(
+    capsys, tmp_path, model, flag, value, expected
+):
+    argv = ["compare", "--model", model, "--steps", "1", "--threads", "1", flag, value]
     code, err = run_cli([*argv, "--out", str(tmp_path)], capsys)
-    assert code == 2 and "--height 8: FLUX's smallest side is 16 px; give 16 or more" in err
+    assert code == 2 and expected in err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_compare_function_refuses_sizes_the_pipeline_would_round(tiny_pipelines):
+    from accel.compare import compare
+
+    call = {"prompt": "a red circle", "num_inference_steps": 1, "height": 24}
+    with pytest.raises(ValueError, match="give 16 or 32"):
+        compare(tiny_pipelines["flux-tiny"], "dense", {}, call)
+    assert accel.get_patch(tiny_pipelines["flux-tiny"]) is None
 
 
 def test_device_without_cuda_says_what_is_available(capsys, tmp_path):
@@ -113,8 +144,16 @@ def test_out_that_is_a_file(capsys, tmp_path):
     assert code == 2 and f"--out {taken} cannot be used as the output folder" in err
 
 
-def test_model_folder_that_is_no_pipeline(capsys, tmp_path):
-    code, err = run_cli(["compare", *TINY, "--model", str(tmp_path), "--out", str(tmp_path / "out")], capsys)
+@pytest.mark.parametrize("command", ["compare", "edit"])
+def test_model_folder_that_is_no_pipeline(capsys, tmp_path, command):
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (64, 64)).save(image)
+    base = (
+        ["compare", *TINY]
+        if command == "compare"
+        else ["edit", "--image", str(image), "--source", "a", "--target", "b"]
+    )
+    code, err = run_cli([*base, "--model", str(tmp_path), "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and "model_index.json" in err and "built-in name: shapes-sd, sd15-tiny" in err
 
 
@@ -176,6 +215,61 @@ def test_options_take_python_booleans_and_keep_text_values():
         "shift": "none",
         "windows": [2, 3],
     }
+
+
+def test_options_take_python_literals_as_accels_own_messages_write_them():
+    from accel.cli import parse_options
+
+    # EditConfig's errors give examples such as ['circle'] and {'green': 2.0}: JSON refuses the single quotes.
+    options = parse_options(["blend_words=['triangle']", "reweight={'green': 2.0}", "cell=(2, 4)", "seed=None"])
+    assert options == {"blend_words": ["triangle"], "reweight": {"green": 2.0}, "cell": (2, 4), "seed": None}
+    # What is neither JSON nor a Python literal stays text.
+    assert parse_options([r"layers=.*attn1", "pooling=grid", "x=[1, 2"]) == {
+        "layers": ".*attn1",
+        "pooling": "grid",
+        "x": "[1, 2",
+    }
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        ("method=p2p", "--option method=p2p: method has its own flag; give --method p2p instead"),
+        ("num_inference_steps=3", "num_inference_steps has its own flag; give --steps 3 instead"),
+        ("guidance_scale=2", "guidance_scale has its own flag; give --guidance 2 instead"),
+        ("config=x", "--option config: accel.EditConfig has no such field"),
+        (
+            "blend_wrds=['circle']",
+            "--option blend_wrds: accel.EditConfig has no such field; did you mean 'blend_words'",
+        ),
+        ("blend_words=circle", "edit: blend_words='circle' must be a non-empty list of words"),
+    ],
+)
+def test_edit_options_clashing_with_flags_or_unknown_fail_before_loading(capsys, monkeypatch, option, expected):
+    import accel.compare
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(accel.compare, "load_pipeline_or_explain", no_loading)
+    # accel.edit saw these keys twice ("got multiple values for keyword argument") after loading the model.
+    argv = ["edit", "--model", "sd15-tiny", "--image", "x.png", "--source", "a", "--target", "b", "--option", option]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and expected in err
+
+
+def test_compare_options_that_have_a_flag_name_it(capsys, monkeypatch):
+    import accel.compare
+
+    monkeypatch.setattr(accel.compare, "load_pipeline_or_explain", lambda *a, **k: pytest.fail("loaded"))
+    code, err = run_cli(["compare", *TINY, "--option", "num_inference_steps=3"], capsys)
+    assert code == 2 and "num_inference_steps has its own flag; give --steps 3 instead" in err
+    code, err = run_cli(["compare", *TINY, "--option", "seed=3"], capsys)
+    assert code == 2 and "seed has its own flag; give --seed 3 instead" in err
+    # Where the method has an option of that name, it is the method's: agent's seed draws its random agents.
+    from accel.cli import _refuse_options_with_flags
+
+    _refuse_options_with_flags(["seed=3"], {"seed": "--seed"}, accepted=["seed"])
 
 
 def test_edit_image_reaches_accel_edit_in_its_own_mode(tmp_path):

@@ -281,7 +281,7 @@ def test_window_larger_than_the_latent_is_a_clear_error(sd):
 
 
 def test_other_families_are_refused(tiny_pipelines):
-    with pytest.raises(accel.UnsupportedModelError, match="supports unet models"):
+    with pytest.raises(accel.UnsupportedModelError, match="supports Stable Diffusion 1.x / 2.x, SDXL pipelines"):
         accel.patch(tiny_pipelines["flux-tiny"], "hidiffusion")
 
 

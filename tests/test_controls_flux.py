@@ -294,17 +294,7 @@ def test_a_pipeline_sharing_the_patched_transformer_is_told_it_is_not_controlled
     other.set_progress_bar_config(disable=True)
 
     def run_other(prompt):
-        return other(
-            prompt,
-            image=np.zeros((SIZE, SIZE, 3), dtype=np.float32),
-            strength=0.9,
-            num_inference_steps=3,
-            height=SIZE,
-            width=SIZE,
-            max_sequence_length=TEXT_TOKENS,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-        ).images
+        return generate(other, prompt, image=np.zeros((SIZE, SIZE, 3), dtype=np.float32), strength=0.9)
 
     unpatched = run_other(PROMPT)
     with accel.patched(flux, method), caplog.at_level("WARNING"):

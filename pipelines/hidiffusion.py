@@ -77,6 +77,7 @@ class RAUNetState:
     down_residuals: list[torch.Tensor] | None = PerThread(lambda: None)
     mid_residual: torch.Tensor | None = PerThread(lambda: None)
     stages: tuple[bool, bool] = PerThread(lambda: (False, False))
+    last_progress: float | None = PerThread(lambda: None)
 
     def __init__(self, context: PatchContext, training_size: int, switches: tuple[float | None, float | None]):
         self.context = context
@@ -104,6 +105,26 @@ class RAUNetState:
                 self.training_size,
             )
         self.stages = tuple(step.progress < switch for switch in switches)
+        starts_a_run = self.last_progress is None or step.progress < self.last_progress
+        self.last_progress = step.progress
+        if starts_a_run and step.progress > 0 and not any(self.stages) and any(switches):
+            self._notice_run_starts_past_the_switches(step.progress, max(switches), layout.grid)
+
+    def _notice_run_starts_past_the_switches(self, progress: float, last_switch: float, grid) -> None:
+        # img2img / inpaint with a small strength enter the schedule late; RAU-Net follows the noise level, so such a
+        # run never shrinks the deep blocks. Said once, since it looks like the method doing nothing.
+        notice = ("hidiffusion", f"raunet skipped {grid} {progress:.3f}")
+        if notice in self.context.warned:
+            return
+        self.context.warned.add(notice)
+        logger.warning(
+            "hidiffusion: this run enters the schedule at %.2f (img2img / inpaint strength), past RAU-Net's last "
+            "switch (%.2f), so only MSW-MSA acts; RAU-Net shapes the layout in the early, noisy steps (a larger "
+            "strength, or raunet_switch above %.2f, runs it)",
+            progress,
+            last_switch,
+            progress,
+        )
 
     def active(self, stage: int) -> bool:
         return self.stages[stage - 1]

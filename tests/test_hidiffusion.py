@@ -119,7 +119,7 @@ def test_raunet_runs_deep_blocks_small_only_early_in_the_schedule(sd, caplog):
     assert deep_block_sizes(sd, 1, (128, 128), steps=2, raunet_switch=1.0) == [(4, 4)] * 2
 
 
-def test_raunet_follows_the_schedule_under_img2img(sd):
+def test_raunet_follows_the_schedule_under_img2img(sd, caplog):
     from diffusers import StableDiffusionImg2ImgPipeline
 
     img2img = StableDiffusionImg2ImgPipeline(**sd.components)
@@ -128,20 +128,35 @@ def test_raunet_follows_the_schedule_under_img2img(sd):
     hook = sd.unet.down_blocks[1].register_forward_pre_hook(
         lambda module, args, kwargs: sizes.append(tuple(kwargs["hidden_states"].shape[-2:])), with_kwargs=True
     )
+
+    def run(strength: float) -> list:
+        sizes.clear()
+        img2img(
+            "a red circle",
+            image=torch.rand(1, 3, 256, 256),
+            strength=strength,
+            num_inference_steps=5,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        )
+        return list(sizes)
+
     try:
-        with accel.patched(sd, "hidiffusion"):
-            img2img(
-                "a red circle",
-                image=torch.rand(1, 3, 256, 256),
-                strength=0.8,
-                num_inference_steps=5,
-                generator=torch.Generator().manual_seed(0),
-                output_type="np",
-            )
+        with accel.patched(sd, "hidiffusion"), caplog.at_level("WARNING", logger="accel.pipelines.hidiffusion"):
+            # strength 0.8 of 5 steps starts at step 1 (progress 0.2): one RAU-Net step, then three full-size ones.
+            assert run(0.8) == [(8, 8)] + [(16, 16)] * 3
+            assert "past RAU-Net's last switch" not in caplog.text
+            # strength 0.4 starts at progress 0.6, past the 0.4 switch: no RAU-Net step, and a notice, once.
+            assert run(0.4) == [(16, 16)] * 2
+            assert run(0.4) == [(16, 16)] * 2
     finally:
         hook.remove()
-    # strength 0.8 of 5 steps starts at step 1 (progress 0.2): one RAU-Net step, then three full-size ones.
-    assert sizes == [(8, 8)] + [(16, 16)] * 3
+    assert (
+        caplog.text.count(
+            "enters the schedule at 0.60 (img2img / inpaint strength), past RAU-Net's last switch (0.40)"
+        )
+        == 1
+    )
 
 
 def test_inpaint_pipeline_is_patched_directly_and_follows_strength(sd):

@@ -5,6 +5,7 @@ Shared by ``accel compare`` and the Gradio demo, so both report the same numbers
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
@@ -250,10 +251,13 @@ def compare(
         return time.perf_counter() - start, np.asarray(output[0], dtype=np.float32)
 
     if warmup:
-        # One short unpatched call first, so one-time costs (allocator, kernels) are not charged to either side.
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        with torch.inference_mode():
-            pipe(generator=generator, output_type="latent", **{**call, "num_inference_steps": 1})
+        # One short call per side first, decode included, so one-time costs (allocator, the VAE's first call, kernel
+        # compilation on the patched side) are charged to neither side's timed calls.
+        for side in ("unpatched", "patched"):
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            context = patched_context(pipe, method, **options) if side == "patched" else contextlib.nullcontext()
+            with context, torch.inference_mode():
+                pipe(generator=generator, output_type="np", **{**call, "num_inference_steps": 1})
 
     plain_times, patched_times = [], []
     for _ in range(repeats):

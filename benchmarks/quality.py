@@ -336,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in QUICK.items():
             if getattr(args, name) == parser.get_default(name):
                 setattr(args, name, value)
+    if "tomesd" in args.method:
+        try:
+            import tomesd  # noqa: F401
+        except ImportError as error:
+            # Before anything runs, not after the other sides have spent their time.
+            parser.error(f"--method tomesd needs the peer package ({error}); install it: pip install tomesd")
     evaluate(args)
     return 0
 

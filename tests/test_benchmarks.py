@@ -118,3 +118,15 @@ def test_hidiffusion_peer_without_the_package_names_the_install(tmp_path):
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
     assert completed.returncode != 0 and "Traceback" not in completed.stderr
     assert completed.stderr.strip().endswith("install it: pip install hidiffusion==0.1.10")
+
+
+def test_quality_without_tomesd_names_the_install_before_generating(tmp_path):
+    script = (
+        "import runpy, sys; sys.modules['tomesd'] = None; sys.path.insert(0, 'benchmarks'); "
+        f"sys.argv = ['quality.py', '--method', 'agent', 'tomesd', '--out', {str(tmp_path)!r}]; "
+        "runpy.run_path('benchmarks/quality.py', run_name='__main__')"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert completed.returncode != 0 and "Traceback" not in completed.stderr
+    assert completed.stderr.strip().endswith("install it: pip install tomesd")
+    assert not (tmp_path / "results.json").exists()

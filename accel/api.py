@@ -167,6 +167,11 @@ def patched(
         yield handle
     finally:
         handle.remove()
+        # A nested block (or a patch call) inside this one replaced this handle, and restoring on its own exit made
+        # yet another; whatever is patched now belongs to this block's span and goes.
+        leftover = get_patch(target)
+        if leftover is not None:
+            leftover.remove()
         if previous_configs is not None:
             patch(previous_pipeline if previous_pipeline is not None else target, list(previous_configs))
 

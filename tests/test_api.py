@@ -101,6 +101,23 @@ def test_handle_and_context_manager_restore(sd):
     assert model_fingerprint(sd.unet) == before
 
 
+def test_nested_blocks_each_restore_what_they_found(sd):
+    before = model_fingerprint(sd.unet)
+    plain = generate(sd, "sd15-tiny")
+    with accel.patched(sd, "agent", agent_ratio=1 / 4):
+        agent_output = generate(sd, "sd15-tiny")
+        with accel.patched(sd, "dense", layers=r".*attn2"):
+            pass
+        # The inner block brought the agent patch back under a new handle; the outer block's exit removes it too.
+        assert np.array_equal(generate(sd, "sd15-tiny"), agent_output)
+    assert accel.get_patch(sd) is None and model_fingerprint(sd.unet) == before
+    assert np.array_equal(generate(sd, "sd15-tiny"), plain)
+    with accel.patched(sd, "agent", agent_ratio=1 / 4):
+        with accel.patch(sd, "dense"):
+            pass
+    assert accel.get_patch(sd) is None and model_fingerprint(sd.unet) == before
+
+
 def test_unpatch_on_a_never_patched_model_is_a_no_op(sd):
     before = model_fingerprint(sd.unet)
     accel.unpatch(sd)

@@ -77,7 +77,6 @@ class RAUNetState:
     down_residuals: list[torch.Tensor] | None = PerThread(lambda: None)
     mid_residual: torch.Tensor | None = PerThread(lambda: None)
     stages: tuple[bool, bool] = PerThread(lambda: (False, False))
-    last_progress: float | None = PerThread(lambda: None)
 
     def __init__(self, context: PatchContext, training_size: int, switches: tuple[float | None, float | None]):
         self.context = context
@@ -105,10 +104,9 @@ class RAUNetState:
                 self.training_size,
             )
         self.stages = tuple(step.progress < switch for switch in switches)
-        starts_a_run = self.last_progress is None or step.progress < self.last_progress
-        self.last_progress = step.progress
-        if starts_a_run and step.progress > 0 and not any(self.stages) and any(switches):
-            self._notice_run_starts_past_the_switches(step.progress, max(switches), layout.grid)
+        run_start = self.context.run_start
+        if run_start and any(switches) and run_start >= max(switches):
+            self._notice_run_starts_past_the_switches(run_start, max(switches), layout.grid)
 
     def _notice_run_starts_past_the_switches(self, progress: float, last_switch: float, grid) -> None:
         # img2img / inpaint with a small strength enter the schedule late; RAU-Net follows the noise level, so such a

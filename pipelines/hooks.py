@@ -50,7 +50,7 @@ class StepStateHook(ModelHook):
         # Controls guide only their own pipeline's calls; a sibling made with from_pipe may encode the same prompt.
         self.context.foreign_call = running is not None and patched is not None and running is not patched
         pipeline = running if running is not None else patched
-        self.context.step = None if timestep is None else self._step_state(timestep, pipeline)
+        self.context.enter(None if timestep is None else self._step_state(timestep, pipeline))
         return args, kwargs
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:

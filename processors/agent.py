@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass
 
 import torch
+from diffusers.utils import logging
 
 from accel.kernels.agent import agent_attention, bipartite_merge, grid_pool, pooled_grid
 from accel.processors.dense import (
@@ -22,6 +23,8 @@ from accel.processors.dense import (
 )
 from accel.processors.joint import JointVisualAttend
 from accel.processors.state import PatchContext, PerThread
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,27 @@ class _AgentSchedule:
         step = self.context.step if self.context is not None else None
         # Without a recorded step (a bare call outside any pipeline) the layer behaves as at the schedule's start.
         progress = 0.0 if step is None else step.progress
-        return progress < self.settings.agent_steps
+        early = progress < self.settings.agent_steps
+        run_start = self.context.run_start if self.context is not None else None
+        if not early and run_start and run_start >= self.settings.agent_steps > 0:
+            self._notice_run_starts_past_the_agent_phase(run_start)
+        return early
+
+    def _notice_run_starts_past_the_agent_phase(self, run_start: float) -> None:
+        # img2img / inpaint with a small strength enter the schedule late, and the agent phase is placed by noise
+        # level: such a run has no agent step at all, which looks like the method doing nothing.
+        notice = ("agent", f"agent phase skipped {run_start:.3f}")
+        if notice in self.context.warned:
+            return
+        self.context.warned.add(notice)
+        logger.warning(
+            "agent: this run enters the schedule at %.2f (img2img / inpaint strength), past agent_steps=%.2f, so no "
+            "layer uses agents in it%s (agent_steps above %.2f, or a larger strength, brings them in)",
+            run_start,
+            self.settings.agent_steps,
+            "; late token merging still acts" if self.settings.late_merge_ratio > 0 else "",
+            run_start,
+        )
 
     def _scales(self, head_dim: int) -> tuple[float, float]:
         scale = head_dim**-0.5

@@ -116,16 +116,19 @@ class PatchContext:
         step (`StepState | None`), layout (`LatentLayout | None`): the running call's facts (see those classes).
         foreign_call (`bool`): the running call comes from another pipeline sharing the denoiser (``from_pipe``);
             controls leave it alone.
+        run_start (`float | None`): the progress at which the running generation entered the schedule (above 0 for
+            img2img / inpaint with ``strength < 1``), so a method whose phase lies before it can say it has no part.
         scratch (`dict`): method-owned per-generation state (attention stores, caches) keyed by method name.
         warned (`set`): one-time notices already given under this patch (kept across generations).
 
-    ``step``, ``layout``, ``foreign_call`` and ``scratch`` are kept per thread (see `PerThread`); ``reset`` clears
+    ``step``, ``layout``, ``foreign_call``, ``run_start`` and ``scratch`` are kept per thread (see `PerThread`); ``reset`` clears
     them for the calling thread.
     """
 
     step = PerThread(lambda: None)
     layout = PerThread(lambda: None)
     foreign_call = PerThread(lambda: False)
+    run_start = PerThread(lambda: None)
     scratch = PerThread(dict)
 
     def __init__(self, family: str, step: StepState | None = None, layout: LatentLayout | None = None):
@@ -135,8 +138,15 @@ class PatchContext:
         self.step = step
         self.layout = layout
 
+    def enter(self, step: StepState | None) -> None:
+        """Make ``step`` the running call's; a step earlier in the schedule than the last one starts a generation."""
+        previous, self.step = self.step, step
+        if step is not None and (self.run_start is None or previous is None or step.progress < previous.progress):
+            self.run_start = step.progress
+
     def reset(self) -> None:
         self.step = None
         self.layout = None
         self.foreign_call = False
+        self.run_start = None
         self.scratch.clear()

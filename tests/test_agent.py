@@ -305,6 +305,38 @@ def test_phase_switch_follows_the_schedule_under_guidance_and_img2img(tiny_pipel
     assert _phases(sd, monkeypatch, run, agent_steps=0.4) == [(4, 4), "agents"] + [(2, 2)] * 3
 
 
+def test_a_run_entering_the_schedule_past_the_agent_phase_says_so(tiny_pipelines, caplog):
+    from diffusers import FluxImg2ImgPipeline
+
+    flux = FluxImg2ImgPipeline(**tiny_pipelines["flux-tiny"].components)
+    flux.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def run(strength: float) -> np.ndarray:
+        return flux(
+            "a red circle",
+            image=image,
+            height=64,
+            width=64,
+            strength=strength,
+            num_inference_steps=5,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
+
+    plain = run(0.6)
+    with accel.patched(flux, "agent", agent_ratio=1 / 4), caplog.at_level("WARNING", logger="accel.processors.agent"):
+        guided = run(0.8)  # enters at 0.2: one agent step
+        assert "past agent_steps" not in caplog.text
+        skipped = run(0.6)  # enters at 0.4, the default agent_steps: no agent step, which is said once
+        run(0.6)
+    assert not np.array_equal(guided, run(0.8))
+    assert np.array_equal(skipped, plain)
+    assert (
+        caplog.text.count("this run enters the schedule at 0.40 (img2img / inpaint strength), past agent_steps") == 1
+    )
+
+
 def test_seeded_destinations_are_reproducible_and_leave_the_global_rng_alone(tiny_pipelines):
     sd = tiny_pipelines["sd15-tiny"]
     with accel.patched(sd, "agent", agent_steps=1.0):

@@ -296,6 +296,36 @@ def test_an_interrupted_call_leaves_no_update_for_the_next(shapes_pipe):
         assert (generate_shapes(shapes_pipe, unguided) == before).all()
 
 
+def test_img2img_runs_start_afresh_and_a_run_past_the_guided_steps_says_so(shapes_pipe, caplog):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    img2img = StableDiffusionImg2ImgPipeline(**shapes_pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def run(strength: float):
+        return img2img(
+            PROMPT,
+            image=image,
+            strength=strength,
+            num_inference_steps=5,
+            guidance_scale=6.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
+
+    unguided = run(0.4)
+    with accel.patched(img2img, "astar", guided_steps=0.5), caplog.at_level("WARNING"):
+        first = run(0.8)
+        # The retention regions are the run's own: a second run (entering at step 1, never at 0) repeats the first.
+        assert (run(0.8) == first).all()
+        assert "past guided_steps" not in caplog.text
+        assert (run(0.4) == unguided).all()  # enters at 0.6, past guided_steps=0.5
+        run(0.4)
+    assert caplog.text.count("enters the schedule at 0.60 (img2img / inpaint strength), past guided_steps=0.50") == 1
+    assert abs(first - run(0.8)).max() > 1e-3
+
+
 @pytest.mark.parametrize("kind", ["inpaint", "controlnet"])
 def test_astar_guides_inpainting_and_controlnet_pipelines(tiny_pipelines, kind):
     from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel

@@ -347,10 +347,13 @@ class AgentConfig(MethodConfig):
             ``1 / cell area`` (one agent per cell).
         pooling (`str`, *optional*):
             ``"merge"`` (similarity-guided, AgentSD; UNets only) or ``"grid"`` (adaptive average pooling over the
-            token grid). ``None``: ``"merge"`` on UNets, ``"grid"`` on FLUX / HunyuanVideo.
+            token grid; every axis shrinks alike, but one that cannot, such as a video's single latent frame, keeps
+            one agent and the others take its share). ``None``: ``"merge"`` on UNets, ``"grid"`` on FLUX /
+            HunyuanVideo.
         agent_steps (`float`, defaults to `0.4`):
             Fraction of the schedule, from its start, that uses agent attention (AgentSD: 20 of 50 steps). Read from
-            the scheduler's timesteps, so it holds under classifier-free guidance and img2img ``strength``.
+            the scheduler's timesteps, so it holds under classifier-free guidance and img2img ``strength`` (a run
+            entering the schedule past it has no agent step, and says so once).
         merge_ratio (`float`, *optional*):
             Share of tokens merged away while agents run (UNets). ``None``: 0.4 on UNets, 0 elsewhere.
         late_merge_ratio (`float`, *optional*):

@@ -102,9 +102,22 @@ def agent_attention_reference(
 
 
 def pooled_grid(grid: tuple[int, ...], ratio: float) -> tuple[int, ...]:
-    """Grid of about ``ratio * prod(grid)`` agents: every axis shrunk by the same factor, at least one per axis."""
-    factor = ratio ** (1.0 / len(grid))
-    return tuple(max(1, min(side, round(side * factor))) for side in grid)
+    """Grid of about ``ratio * prod(grid)`` agents: every axis shrunk by the same factor where it can be.
+
+    Sides are settled one at a time, the most shrunk first, and the rest shrink by what is still to go: an axis that
+    cannot go below one agent (a video's few latent frames) keeps one and the others take its share, and a side's
+    rounding is made up by the next, so the ratio holds.
+    """
+    pooled = list(grid)
+    left = ratio * math.prod(grid)
+    free = list(range(len(grid)))
+    while free:
+        factor = (left / math.prod(grid[axis] for axis in free)) ** (1.0 / len(free))
+        axis = min(free, key=lambda a: (grid[a] * factor, a))
+        pooled[axis] = max(1, min(grid[axis], math.floor(grid[axis] * factor + 0.5)))
+        left /= pooled[axis]
+        free.remove(axis)
+    return tuple(pooled)
 
 
 def grid_pool(tokens: torch.Tensor, grid: tuple[int, ...], pooled: tuple[int, ...]):

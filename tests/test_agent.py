@@ -90,6 +90,10 @@ def test_pooled_grid_keeps_the_ratio():
     assert pooled_grid((64, 64), 1 / 16) == (16, 16)
     assert pooled_grid((30, 48, 80), 1 / 16) == (12, 19, 32)
     assert pooled_grid((2, 3), 1 / 1000) == (1, 1)
+    # A video's single latent frame cannot shrink; the image axes take its share (was (1, 13, 13): 1 / 6).
+    assert pooled_grid((1, 32, 32), 1 / 16) == (1, 8, 8)
+    for grid in [(2, 32, 32), (3, 32, 32), (1, 18, 32), (1, 45, 80), (5, 30, 52)]:
+        assert math.prod(grid) / math.prod(pooled_grid(grid, 1 / 16)) == pytest.approx(16, rel=0.05)
 
 
 def test_destinations_are_one_per_whole_cell_and_seeded():

@@ -100,6 +100,14 @@ def patch(target: Any, method: MethodSpec | Sequence[MethodSpec] | None = None, 
     """
     pipeline, denoiser = _resolve_target(target)
     family = detect_family(denoiser)
+    compiled = getattr(denoiser, "_orig_mod", None)
+    if family is None and isinstance(compiled, torch.nn.Module) and detect_family(compiled) is not None:
+        # torch.compile's wrapper: the processors live on the module it wraps, and a graph already traced would not
+        # see them change.
+        raise UnsupportedModelError(
+            f"the denoiser is torch.compile's wrapper around a {type(compiled).__name__}; patch before compiling: "
+            "accel.patch(pipe, ...) first, then compile (e.g. pipe.transformer = torch.compile(pipe.transformer))"
+        )
     if family is None:
         supported = "; ".join(f"{f.denoiser_class_name} ({f.title})" for f in FAMILIES.values())
         raise UnsupportedModelError(

@@ -32,6 +32,23 @@ def _refuse_extra_image_tokens(pipe, method: str) -> None:
         )
 
 
+def _refuse_triton_where_it_cannot_run(method: str, backend: str) -> None:
+    """``backend="triton"`` on a machine with no CUDA device would fail only inside the first call (or a later one,
+    where small grids take another path); a model moved to the GPU after patching is fine, so only a machine without
+    one is refused."""
+    import torch
+
+    from accel.kernels.block_sparse import triton, triton_usable
+
+    if backend != "triton" or triton_usable("cuda" if torch.cuda.is_available() else "cpu"):
+        return
+    missing = "triton is not installed" if triton is None else "this machine has no CUDA device"
+    raise InvalidOptionError(
+        f"{method}: backend='triton' runs the Triton kernel on a CUDA GPU, and {missing}; use backend='auto' (Triton "
+        "where it can run, the torch path elsewhere) or 'torch'"
+    )
+
+
 @register_method(DenseConfig, families=("unet", "flux", "hunyuanvideo"))
 def apply_dense(plan: PatchPlan, config: DenseConfig) -> None:
     for site in plan.select(config):
@@ -40,6 +57,7 @@ def apply_dense(plan: PatchPlan, config: DenseConfig) -> None:
 
 @register_method(HiDiffusionConfig, families=("unet",))
 def apply_hidiffusion(plan: PatchPlan, config: HiDiffusionConfig) -> None:
+    _refuse_triton_where_it_cannot_run("hidiffusion", config.backend)
     from accel.pipelines import hidiffusion
     from accel.processors.hidiffusion import MSWMSAAttnProcessor
 
@@ -72,6 +90,7 @@ def apply_hidiffusion(plan: PatchPlan, config: HiDiffusionConfig) -> None:
 
 @register_method(GNAConfig, families=("flux", "hunyuanvideo"))
 def apply_gna(plan: PatchPlan, config: GNAConfig) -> None:
+    _refuse_triton_where_it_cannot_run("gna", config.backend)
     from accel.pipelines import gna
 
     processor_class, default_geometry = gna.PROCESSORS[plan.family.name]
@@ -84,6 +103,11 @@ def apply_gna(plan: PatchPlan, config: GNAConfig) -> None:
             raise InvalidOptionError(
                 f"gna: dense_layers={config.dense_layers!r} matches none of the layers it patches "
                 f"(e.g. {sites[0].name}); fix the regex (it must match a whole name)"
+            )
+        if not kept:
+            raise InvalidOptionError(
+                f"gna: dense_layers={config.dense_layers!r} matches every layer it patches, so nothing would be "
+                "sparse; narrow the regex, or leave the pipeline unpatched"
             )
         sites = kept
     normalised = {}
@@ -156,6 +180,7 @@ def apply_agent(plan: PatchPlan, config: AgentConfig) -> None:
 
 @register_method(VMoBAConfig, families=("flux", "hunyuanvideo"))
 def apply_vmoba(plan: PatchPlan, config: VMoBAConfig) -> None:
+    _refuse_triton_where_it_cannot_run("vmoba", config.backend)
     from accel.pipelines import vmoba
 
     family = plan.family.name

@@ -255,7 +255,7 @@ class GNAConfig(MethodConfig):
         stride (`int` or `tuple`, *optional*):
             Stride per axis. ``None``: the GNA paper's strides at every size, 16x16 for FLUX and 16x8x8 for
             HunyuanVideo, each capped by the window (they are its kernel's tiles, so the attention stays
-            block-sparse).
+            block-sparse). An explicit stride with the default window widens the window to it where it is smaller.
         dilation (`int` or `tuple`, defaults to `1`): dilation per axis.
         is_causal (`bool` or `tuple`, defaults to `False`): causal windows per axis (e.g. along frames).
         dense_steps (`int`, defaults to `0`): the first denoising steps run dense (layout forms there).

@@ -85,6 +85,13 @@ class _NeighborhoodAttend(JointVisualAttend):
                     # An explicit kernel with the default stride: keep the stride within the kernel.
                     kernels = kernel if isinstance(kernel, tuple) else (kernel,) * len(grid)
                     stride = tuple(min(s, k) for s, k in zip(stride, kernels, strict=True))
+                elif self.settings.stride is not None and self.settings.kernel_size is None:
+                    # An explicit stride with the default window: widen the window to the stride, since a stride
+                    # group must fit in the window it shares. A stride past the grid's side is one group on that axis,
+                    # which the side itself says.
+                    strides = stride if isinstance(stride, tuple) else (stride,) * len(grid)
+                    stride = tuple(min(s, side) for s, side in zip(strides, grid, strict=True))
+                    kernel = tuple(max(k, s) for k, s in zip(kernel, stride, strict=True))
                 cached = Neighborhood.create(grid, kernel, stride, self.settings.dilation, self.settings.is_causal)
             except ValueError as error:
                 raise ValueError(f"gna: {self.layer} at token grid {grid}: {error}") from None

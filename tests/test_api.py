@@ -171,6 +171,14 @@ def test_unsupported_targets_are_refused(target, words):
     assert all(w in str(error.value) for w in words)
 
 
+def test_a_compiled_denoiser_is_refused_with_the_order_that_works(sd):
+    compiled = torch.compile(sd.unet)  # wrapping only; nothing is traced until it is called
+    with pytest.raises(
+        accel.UnsupportedModelError, match=r"wrapper around a UNet2DConditionModel; patch before compiling"
+    ):
+        accel.patch(compiled, "dense")
+
+
 def test_unsupported_pipeline_family_is_refused():
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 

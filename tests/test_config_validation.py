@@ -218,3 +218,13 @@ def test_agent_merging_options_are_refused_on_unets_where_nothing_merges(tiny_pi
     with pytest.raises(InvalidOptionError, match=re.escape(unused) + " shapes token merging, which does not run"):
         accel.patch(pipe, "agent", **options)
     assert accel.get_patch(pipe) is None
+
+
+@pytest.mark.parametrize(
+    ("model", "method"), [("flux-tiny", "gna"), ("flux-tiny", "vmoba"), ("sd15-tiny", "hidiffusion")]
+)
+def test_triton_named_on_a_machine_without_cuda_is_refused_at_patch_time(tiny_pipelines, monkeypatch, model, method):
+    # Outside the interpreter the kernel needs CUDA; the tests set TRITON_INTERPRET=1, so it is taken away here.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    _refused_and_untouched(tiny_pipelines[model], method, {"backend": "triton"}, "this machine has no CUDA device")

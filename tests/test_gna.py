@@ -116,6 +116,7 @@ def test_per_layer_geometry(pipeline):
         (dict(per_layer={"transformer_blocks.*": {"window": 3}}), "must be a dict of kernel_size"),
         (dict(per_layer={"nothing-matches": {"kernel_size": 3}}), "matches none of the patched layers"),
         (dict(dense_layers="nothing-matches"), "matches none of the layers"),
+        (dict(dense_layers=".*"), "matches every layer it patches, so nothing would be sparse"),
         (dict(dense_layers="("), "not a valid regex"),
         (dict(kernel_sise=3), "Did you mean 'kernel_size'"),
         (dict(kernel_size=(3, 3, 3)), "has 3 entries but flux token grids have 2 axes"),
@@ -129,6 +130,23 @@ def test_bad_configs_are_refused(tiny_pipelines, options, words):
     with pytest.raises(InvalidOptionError, match=words):
         accel.patch(pipe, "gna", **options)
     assert model_fingerprint(pipe.transformer) == before
+
+
+@pytest.mark.parametrize("pipeline", ["flux-tiny"], indirect=True)
+def test_an_explicit_stride_widens_the_default_window(pipeline):
+    # flux-tiny at 128 px: 8x8 image tokens, default window 3x3 (5/16 of a side). Stride 4 needs a window of 4; a
+    # stride past the grid is one group per axis, i.e. the whole grid and so dense.
+    processors = []
+    with accel.patched(pipeline, "gna", stride=4) as handle:
+        strided = generate(pipeline, "flux-tiny", steps=1)
+        processors = [p for p in pipeline.transformer.attn_processors.values() if isinstance(p, _NeighborhoodAttend)]
+        assert handle.active
+    neighborhood = processors[0]._neighborhoods[(8, 8)]
+    assert tuple(neighborhood.kernel_size) == (4, 4) and tuple(neighborhood.stride) == (4, 4)
+    dense = generate(pipeline, "flux-tiny", steps=1)
+    assert not np.array_equal(strided, dense)
+    with accel.patched(pipeline, "gna", stride=16):
+        assert np.array_equal(generate(pipeline, "flux-tiny", steps=1), dense)
 
 
 @pytest.mark.parametrize("pipeline", ["flux-tiny"], indirect=True)

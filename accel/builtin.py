@@ -193,11 +193,14 @@ def apply_vmoba(plan: PatchPlan, config: VMoBAConfig) -> None:
                 f"({', '.join(axes)}); give one side per axis, None for a whole axis"
             )
     processor_class = vmoba.PROCESSORS[family]
-    for index, site in enumerate(plan.select(config)):
-        if config.blocks is None:
-            block_shape = vmoba.default_block_shape(family, index)
-        else:
-            block_shape = vmoba.configured_block_shape(config.blocks, index)
+    sites = plan.select(config)
+    shapes = tuple(
+        vmoba.default_block_shape(family, index)
+        if config.blocks is None
+        else vmoba.configured_block_shape(config.blocks, index)
+        for index in range(len(sites))
+    )
+    for site, block_shape in zip(sites, shapes, strict=True):
         processor = processor_class(
             context=plan.context,
             layer=site.name,
@@ -205,6 +208,7 @@ def apply_vmoba(plan: PatchPlan, config: VMoBAConfig) -> None:
             threshold=config.threshold,
             dense_steps=config.dense_steps,
             backend=config.backend,
+            cycle=shapes,
         )
         plan.set_processor(site, processor)
 

@@ -37,9 +37,12 @@ class _BlockAttend(JointVisualAttend):
         threshold: float,
         dense_steps: int = 0,
         backend: str = "auto",
+        cycle: tuple[BlockShape, ...] = (),
     ):
         super().__init__(context=context, layer=layer)
         self.block_shape = block_shape
+        # Every patched layer's block shape (layers cycle through them), so a notice can say which layers it meets.
+        self.cycle = cycle or (block_shape,)
         self.threshold = threshold
         self.dense_steps = dense_steps
         self.backend = backend
@@ -58,11 +61,15 @@ class _BlockAttend(JointVisualAttend):
         notice = ("vmoba", f"one block {grid}")
         if notice not in self.context.warned:
             self.context.warned.add(notice)
+            shapes = {_shape_name(shape(grid)): shape(grid) for shape in self.cycle}
+            whole = sorted(name for name, shape in shapes.items() if _is_one_block(grid, shape))
+            which = "the layers with " + ("that block shape" if len(whole) == 1 else "those block shapes")
             logger.warning(
-                "vmoba: the %s token grid is one block (%s), so its attention is dense; give a larger size, or "
-                "smaller blocks=[...]",
+                "vmoba: the %s token grid is one block of %s, so %s attend densely; give a larger size, or smaller "
+                "blocks=[...]",
                 "x".join(map(str, grid)),
-                "x".join("all" if side is None else str(side) for side in self.block_shape(grid)),
+                " / ".join(whole),
+                "all layers" if len(whole) == len(shapes) else which,
             )
         return None
 
@@ -87,3 +94,14 @@ class VMoBAFluxAttnProcessor(_BlockAttend, DenseFluxAttnProcessor):
 
 class VMoBAHunyuanVideoAttnProcessor(_BlockAttend, DenseHunyuanVideoAttnProcessor):
     """VMoBA over HunyuanVideo's 3-D video-token grid (text tokens last, exact, padded keys masked)."""
+
+
+def _shape_name(shape: tuple[int | None, ...]) -> str:
+    return "x".join("all" if side is None else str(side) for side in shape)
+
+
+def _is_one_block(grid: tuple[int, ...], shape: tuple[int | None, ...]) -> bool:
+    try:
+        return block_partition(grid, shape).num_blocks == 1
+    except ValueError:
+        return False

@@ -194,6 +194,7 @@ def test_threshold_one_equals_unpatched_and_the_sparse_paths_agree(pipeline, req
         assert np.array_equal(generate(pipeline, name), reference)  # default blocks hold the whole tiny grid
         generate(pipeline, name)
     assert caplog.text.count("token grid is one block") == 1  # said once per patch, not per layer and step
+    assert "attend densely" in caplog.text and "so all layers attend densely" in caplog.text
     blocks = SMALL_BLOCKS[name]
     accel.patch(pipeline, "vmoba", threshold=0.25, blocks=blocks)
     sparse = generate(pipeline, name)
@@ -210,6 +211,16 @@ def test_threshold_one_equals_unpatched_and_the_sparse_paths_agree(pipeline, req
     accel.unpatch(pipeline)
     assert model_fingerprint(pipeline.transformer) == before
     assert np.array_equal(generate(pipeline, name), reference)
+
+
+@pytest.mark.parametrize("pipeline", ["hunyuanvideo-tiny"], indirect=True)
+def test_a_grid_that_is_one_block_for_some_layers_only_says_which(pipeline, caplog):
+    # 128 px, 9 frames: 3x8x8 tokens. Frame blocks (1, all, all) split it in 3; a whole cube (all, all, all) does
+    # not, and only the layers with it attend densely.
+    with caplog.at_level("WARNING", logger="accel.processors.vmoba"):
+        with accel.patched(pipeline, "vmoba", threshold=0.25, blocks=[(1, None, None), (None, None, None)]):
+            generate(pipeline, "hunyuanvideo-tiny")
+    assert "the 3x8x8 token grid is one block of allxallxall, so the layers with that block shape attend" in caplog.text
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])

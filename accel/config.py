@@ -316,6 +316,11 @@ class GNAConfig(MethodConfig):
                         f"gna: per_layer[{pattern!r}] must be a dict of {', '.join(GNA_GEOMETRY_OPTIONS)}; "
                         f"got {options!r}"
                     )
+            # JSON has no tuples: a config saved and loaded back holds lists, which must compare equal to the tuples.
+            self.per_layer = {
+                pattern: {option: tuple(v) if isinstance(v, list) else v for option, v in options.items()}
+                for pattern, options in self.per_layer.items()
+            }
         if self.backend not in GNA_BACKENDS:
             raise InvalidOptionError(f"gna: backend={self.backend!r} must be one of {', '.join(GNA_BACKENDS)}")
 

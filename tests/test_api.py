@@ -1,5 +1,6 @@
 """The public surface: patch / unpatch / patched, configs, the registry, and clear errors that leave models untouched."""
 
+import json
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -148,6 +149,9 @@ def test_config_round_trips_through_dict():
         accel.AStarConfig.from_dict(data)
     edit = accel.EditConfig(method="p2p")
     assert accel.EditConfig(**edit.to_dict()) == edit
+    # Through JSON, where tuples come back as lists.
+    gna = accel.GNAConfig(kernel_size=(3, 5), per_layer={r"transformer_blocks\.0\..*": {"kernel_size": (5, 5)}})
+    assert accel.GNAConfig.from_dict(json.loads(json.dumps(gna.to_dict()))) == gna
 
 
 def test_replace_keeps_options_set_by_assignment():

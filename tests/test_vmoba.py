@@ -220,7 +220,9 @@ def test_a_grid_that_is_one_block_for_some_layers_only_says_which(pipeline, capl
     with caplog.at_level("WARNING", logger="accel.processors.vmoba"):
         with accel.patched(pipeline, "vmoba", threshold=0.25, blocks=[(1, None, None), (None, None, None)]):
             generate(pipeline, "hunyuanvideo-tiny")
-    assert "the 3x8x8 token grid is one block of allxallxall, so the layers with that block shape attend" in caplog.text
+    assert (
+        "the 3x8x8 token grid is one block of allxallxall, so the layers with that block shape attend" in caplog.text
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])

@@ -109,8 +109,11 @@ def retention_loss(concepts: torch.Tensor, previous_regions: torch.Tensor) -> to
     return (1 - soft_overlap(concepts, previous_regions)).sum(dim=-1)
 
 
-def step_sizes(steps: int, scale: float = 20.0) -> list[float]:
-    """Attend-and-Excite's schedule, ``scale · sqrt(linspace(1, 0.5, steps))``."""
-    if steps == 1:
-        return [scale]
-    return [scale * math.sqrt(1 - 0.5 * i / (steps - 1)) for i in range(steps)]
+def step_size(scale: float, progress: float) -> float:
+    """Attend-and-Excite's decaying step, ``scale · sqrt(1 - progress / 2)``, at ``progress`` (step index / steps).
+
+    A&E writes it as ``sqrt(linspace(1, 0.5, T))``, index over ``T - 1``; by the schedule's progress it holds under
+    img2img ``strength`` (the schedule entered late) and any step count, and ends at ``1 - (T - 1) / 2T`` rather than
+    0.5.
+    """
+    return scale * math.sqrt(1 - 0.5 * progress)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -400,7 +399,7 @@ class LatentGuidanceHook(ModelHook):
             gradient = torch.autograd.grad(loss, latent)[0] if loss.requires_grad else torch.zeros_like(latent)
         state.store.maps.clear()
         state.losses.append((step.step_index, float(loss)))
-        alpha = state.step_size * math.sqrt(1 - 0.5 * step.progress)
+        alpha = controls.step_size(state.step_size, step.progress)
         return -alpha * gradient.detach()
 
     def _loss(self, concepts: torch.Tensor, row: int) -> torch.Tensor:

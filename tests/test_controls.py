@@ -52,8 +52,9 @@ def test_attend_and_excite_loss_is_the_most_neglected_concept():
 
 
 def test_step_sizes_follow_attend_and_excite():
-    sizes = controls.step_sizes(50)
-    assert sizes[0] == pytest.approx(20.0) and sizes[-1] == pytest.approx(20 * 0.5**0.5)
+    assert controls.step_size(20.0, 0.0) == pytest.approx(20.0)
+    assert controls.step_size(20.0, 0.5) == pytest.approx(20 * 0.75**0.5)
+    assert controls.step_size(30.0, 1.0) == pytest.approx(30 * 0.5**0.5)
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +134,31 @@ def test_zero_step_size_or_no_guided_steps_is_the_unpatched_pipeline(shapes_pipe
 
 
 @pytest.mark.parametrize("loss", ["astar", "attend_excite"])
-def test_guidance_moves_the_latents_every_guided_step(shapes_pipe, loss):
+def test_guidance_moves_the_latents_every_guided_step(shapes_pipe, loss, monkeypatch):
     import numpy as np
 
+    from accel.pipelines.controls import LatentGuidanceHook
+
+    # What each guided step adds to the latent, and the step size it was scaled by.
+    updates, alphas = [], []
+    own_update, own_step_size = LatentGuidanceHook._update, controls.step_size
+
+    def recorded_update(self, *args, **kwargs):
+        update = own_update(self, *args, **kwargs)
+        updates.append(float(update.abs().max()))
+        return update
+
+    def recorded_step_size(scale, progress):
+        alphas.append((scale, progress))
+        return own_step_size(scale, progress)
+
+    monkeypatch.setattr(LatentGuidanceHook, "_update", recorded_update)
+    monkeypatch.setattr(controls, "step_size", recorded_step_size)
     reference = generate_shapes(shapes_pipe, PROMPT)
     with accel.patched(shapes_pipe, "astar", loss=loss, guided_steps=0.5):
         guided = generate_shapes(shapes_pipe, PROMPT)
+        assert len(updates) == 2 and min(updates) > 0  # both guided steps move the latent
+        assert alphas == [(20.0, 0.0), (20.0, 0.25)]  # A&E's decay, by the schedule's progress
         state = _guidance_state(shapes_pipe)
         # Subjects default to the noun phrases' head nouns: "circle" and "square".
         assert state.positions == [[(3,), (7,)]]
@@ -197,6 +217,8 @@ def test_the_step_shim_keeps_eta_and_the_generator_reaching_the_scheduler(shapes
                 torch.manual_seed(123)  # the global RNG must not matter
                 assert (generate_shapes(shapes_pipe, PROMPT, **options) == first).all()
                 assert "generator" in inspect.signature(shapes_pipe.scheduler.step).parameters
+                if options:  # eta reaches DDIM on the second call too: its noise makes a different image
+                    assert not (generate_shapes(shapes_pipe, PROMPT) == first).all()
     finally:
         shapes_pipe.scheduler = original
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -22,7 +23,13 @@ from accel.kernels.agent import (
     pooled_grid,
 )
 from accel.pipelines.agent import settings_for
-from accel.processors.agent import AgentAttnProcessor, AgentSettings
+from accel.processors.agent import (
+    AgentAttnProcessor,
+    AgentFluxAttnProcessor,
+    AgentHunyuanVideoAttnProcessor,
+    AgentSettings,
+)
+from accel.processors.dense import AttentionCall
 from accel.processors.state import LatentLayout, PatchContext, StepState
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
@@ -216,6 +223,80 @@ def test_unet_processor_composes_merge_agents_and_unmerge(tiny_pipelines, poolin
     assert (ours - expected).abs().max() <= 1e-5
 
 
+def _grid_cells(grid, pooled):
+    """Token indices of each pooled cell (adaptive pooling's cells [floor(i L / n), ceil((i + 1) L / n)) per axis,
+    which may overlap), agents in row-major order."""
+    ranges = [
+        [range(i * side // count, -(-(i + 1) * side // count)) for i in range(count)]
+        for side, count in zip(grid, pooled, strict=True)
+    ]
+    strides = [math.prod(grid[axis + 1 :]) for axis in range(len(grid))]
+    cells = []
+    for per_axis in itertools.product(*ranges):
+        cells.append(
+            [sum(c * s for c, s in zip(coords, strides, strict=True)) for coords in itertools.product(*per_axis)]
+        )
+    return cells
+
+
+def _joint_agent_reference(query, key, value, grid, pooled, text, text_first, key_mask):
+    """DiT agent attention written out in fp64 from its definition, on ``[B, S, H, D]`` joint tensors.
+
+    Text queries attend every (unpadded) key exactly. The agents are the image queries averaged over the grid's
+    cells; they aggregate the image keys (softmax at d^-0.5). Image queries take one softmax over the agents (at
+    d^-0.15, plus log(tokens the agent pools)) and the text keys (at d^-0.5), plus the 0.075 value shortcut.
+    """
+    q, k, v = (t.double().transpose(1, 2) for t in (query, key, value))  # [B, H, S, D]
+    d = q.shape[-1]
+    visual = slice(text, None) if text_first else slice(0, q.shape[2] - text)
+    text_part = slice(0, text) if text_first else slice(q.shape[2] - text, None)
+    bias = torch.zeros(key_mask.shape, dtype=torch.float64).masked_fill(~key_mask, float("-inf"))[:, None, None]
+    text_out = torch.softmax(q[:, :, text_part] @ k.transpose(-1, -2) * d**-0.5 + bias, dim=-1) @ v
+    qv, kv, vv = q[:, :, visual], k[:, :, visual], v[:, :, visual]
+    cells = _grid_cells(grid, pooled)
+    agents = torch.stack([qv[:, :, cell].mean(dim=2) for cell in cells], dim=2)
+    log_counts = torch.tensor([math.log(len(cell)) for cell in cells], dtype=torch.float64)
+    agent_values = torch.softmax(agents @ kv.transpose(-1, -2) * d**-0.5, dim=-1) @ vv
+    agent_logits = qv @ agents.transpose(-1, -2) * d**-0.15 + log_counts
+    text_logits = qv @ k[:, :, text_part].transpose(-1, -2) * d**-0.5 + bias[..., text_part]
+    weights = torch.softmax(torch.cat([agent_logits, text_logits], dim=-1), dim=-1)
+    visual_out = weights @ torch.cat([agent_values, v[:, :, text_part]], dim=2) + 0.075 * vv
+    parts = [text_out, visual_out] if text_first else [visual_out, text_out]
+    return torch.cat(parts, dim=2).transpose(1, 2)
+
+
+@pytest.mark.parametrize(
+    ("processor_class", "family", "grid", "ratio", "text_first", "padded"),
+    [
+        (AgentFluxAttnProcessor, "flux", (6, 7), 1 / 6, True, 0),  # 2x4 agents pooling 6 or 9 tokens
+        (AgentHunyuanVideoAttnProcessor, "hunyuanvideo", (3, 5, 7), 1 / 9, False, 2),  # 1x3x4, 12 to 27 tokens
+    ],
+)
+def test_dit_processor_matches_agent_attention_written_out(processor_class, family, grid, ratio, text_first, padded):
+    # The joint processor's split (text exact, image queries on agents plus text keys) and its agents' weights by
+    # the tokens they pool: without those weights the text keys would take far more than their share.
+    settings = dataclasses.replace(settings_for(AgentConfig(), family), agent_ratio=ratio)
+    assert (settings.scale_exponent, settings.shortcut) == (0.3, 0.075)
+    context = PatchContext(
+        family=family,
+        step=StepState(timestep=999.0, step_index=0, num_steps=10, progress=0.0),
+        layout=LatentLayout(grid=grid, text_tokens=5, text_first=text_first, batch_size=2),
+    )
+    processor = processor_class(context=context, layer="layer", settings=settings)
+    visual, text = math.prod(grid), 5
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, visual + text, 2, 16, generator=generator) for _ in range(3))
+    key_mask = torch.ones(2, visual + text, dtype=torch.bool)
+    if padded:
+        key_mask[0, -padded:] = False  # HunyuanVideo pads the first prompt's text (last in its sequence)
+    call = AttentionCall(layer="layer", kind="joint", visual_tokens=visual, text_tokens=text, text_first=text_first)
+    with torch.no_grad():
+        ours = processor.attend(query, key, value, key_mask[:, None, None] if padded else None, call)
+    expected = _joint_agent_reference(query, key, value, grid, pooled_grid(grid, ratio), text, text_first, key_mask)
+    assert len(_grid_cells(grid, pooled_grid(grid, ratio))) * 2 < visual  # agents run: fewer than half the tokens
+    assert ours.shape == query.shape and (ours.double() - expected).abs().max() <= 1e-5
+
+
 def test_unet_processor_late_phase_merges_without_agents(tiny_pipelines, monkeypatch):
     attn = _layer(tiny_pipelines["sd15-tiny"].unet)
     hidden = torch.randn(2, 64, attn.to_q.in_features)
@@ -342,14 +423,19 @@ def test_a_run_entering_the_schedule_past_the_agent_phase_says_so(tiny_pipelines
 
 
 def test_seeded_destinations_are_reproducible_and_leave_the_global_rng_alone(tiny_pipelines):
+    # A draw from the global RNG would make the destinations depend on what ran before and shift the user's own
+    # random numbers; comparing the global state itself catches it (reseeding before two runs would hide it).
+    state = torch.random.get_rng_state()
+    destination_mask((8, 8), (2, 2), torch.Generator().manual_seed(0))
+    assert torch.equal(torch.random.get_rng_state(), state)
     sd = tiny_pipelines["sd15-tiny"]
     with accel.patched(sd, "agent", agent_steps=1.0):
         torch.manual_seed(123)
+        state = torch.random.get_rng_state()
         first = generate(sd, "sd15-tiny")
-        after = torch.rand(1)
-        torch.manual_seed(123)
+        assert torch.equal(torch.random.get_rng_state(), state)
+        torch.manual_seed(456)  # another global state: the seeded destinations must not follow it
         second = generate(sd, "sd15-tiny")
-        assert torch.equal(after, torch.rand(1))
     assert np.array_equal(first, second)
     with accel.patched(sd, "agent", agent_steps=1.0, seed=7):
         assert not np.array_equal(generate(sd, "sd15-tiny"), first)

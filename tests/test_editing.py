@@ -139,8 +139,82 @@ def test_recolouring_changes_the_object_more_than_the_rest(shapes_pipe, case):
     assert change[region].mean() > 2 * change[~region].mean()
 
 
-def test_dpl_learning_lowers_its_loss_and_finds_a_background(shapes_pipe, case):
+def test_cross_attention_injection_gives_the_edit_row_the_source_maps_through_the_alignment(tokenizer):
+    # Prompt-to-Prompt's core: while progress < cross_replace the edit row attends with the source row's maps
+    # (moved through the word alignment; an added word keeps its own column), applied to the edit's own values.
+    from accel.processors.dense import AttentionCall
+    from accel.processors.editing import EditAttnProcessor, EditController
+    from accel.processors.state import LatentLayout
+
+    alignment = align_prompts(tokenizer, "a circle", "a red circle")
+    tokens = tokenizer.model_max_length
+    controller = EditController(
+        layout=LatentLayout(grid=(4, 4)),
+        mapper=alignment.mapper,
+        keep_source=alignment.keep_source,
+        cross_replace=0.5,
+    )
+    processor = EditAttnProcessor(controller, layer="layer")
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(4, 16, 2, 8, generator=generator)  # [uncond source, uncond edit, source, edit]
+    key, value = (torch.randn(4, tokens, 2, 8, generator=generator) for _ in range(2))
+    call = AttentionCall(layer="layer", kind="cross", visual_tokens=16, text_tokens=tokens)
+    probs = torch.softmax(query.transpose(1, 2) @ key.transpose(1, 2).transpose(-1, -2) * 8**-0.5, dim=-1)
+    own = (probs @ value.transpose(1, 2)).transpose(1, 2)
+    injected_maps = editing.transfer_cross_attention(probs[2], probs[3], alignment.mapper, alignment.keep_source)
+    # The added word ("red", token 2) keeps its own column; "circle" (2 -> 3) and the rest take the source's.
+    assert torch.equal(injected_maps[..., 2], probs[3][..., 2])
+    assert torch.allclose(injected_maps[..., 3], probs[2][..., 2])
+    assert torch.allclose(injected_maps[..., 1], probs[2][..., 1])
+    injected = (injected_maps @ value[3].transpose(0, 1)).transpose(0, 1)
+    with torch.no_grad():
+        with controller.editing(progress=0.25):
+            early = processor.attend(query, key, value, None, call)
+        with controller.editing(progress=0.5):
+            late = processor.attend(query, key, value, None, call)
+    assert torch.allclose(early[:3], own[:3], atol=1e-5)  # the source and unconditional rows are never changed
+    assert torch.allclose(early[3], injected, atol=1e-5)
+    assert (early[3] - own[3]).abs().max() > 1e-2  # the injection did change the edit row
+    assert torch.allclose(late, own, atol=1e-5)  # past cross_replace the edit keeps its own maps
+
+
+def test_cross_attention_injection_keeps_the_sources_layout_outside_the_edit(shapes_pipe, case):
+    # Without the local blend only the injection ties the edit to the source: turning it off (cross_replace=0)
+    # lets the edit drift away from the reconstruction outside the recoloured object.
     scene, image = case
+    first = scene.objects[0]
+    target = scene.caption.replace(f"a {first.colour} {first.shape}", f"a green {first.shape}", 1)
+    region = shapes.object_mask(first, image.shape[0])
+    outside = {}
+    for cross_replace in (0.8, 0.0):
+        result = accel.edit(
+            shapes_pipe,
+            image,
+            scene.caption,
+            target,
+            method="p2p",
+            num_inference_steps=10,
+            null_text_steps=1,
+            guidance_scale=6.0,
+            local_blend=False,
+            cross_replace=cross_replace,
+        )
+        change = np.abs(np.asarray(result.image, np.float64) - np.asarray(result.reconstruction, np.float64)).mean(-1)
+        outside[cross_replace] = change[~region].mean()
+    assert outside[0.8] < 0.5 * outside[0.0]
+
+
+def test_dpl_learning_lowers_its_loss_and_finds_a_background(shapes_pipe, case, monkeypatch):
+    scene, image = case
+    # The nouns' mean maps of the inversion, as the background is computed from them.
+    noun_maps = []
+    find_background = editing.background_from_clusters
+
+    def recording(labels, grid, word_maps_mean, *args, **kwargs):
+        noun_maps.append(word_maps_mean.detach().cpu())
+        return find_background(labels, grid, word_maps_mean, *args, **kwargs)
+
+    monkeypatch.setattr(editing, "background_from_clusters", recording)
     result = accel.edit(
         shapes_pipe,
         image,
@@ -156,7 +230,21 @@ def test_dpl_learning_lowers_its_loss_and_finds_a_background(shapes_pipe, case):
     assert result.dynamic_words == [o.shape for o in scene.objects]
     first, last = np.array(result.losses["dpl_first"]), np.array(result.losses["dpl_last"])
     assert len(first) == 4 and last[0] < first[0] and (last <= first + 1e-6).all()
-    assert result.background is not None and result.background.ndim == 2
+    background = result.background
+    assert background is not None and background.ndim == 2
+    # A real partial mask: an empty one would switch DPL's leakage loss off, a full one would hold the objects too.
+    assert 0 < background.mean() < 1
+    # The background is the clusters no noun claims: where the nouns' (min-max normalised) maps are low. shapes-sd's
+    # maps keep a floor everywhere and two nouns may share one object, so each noun's map is compared over the
+    # background and elsewhere (as the code claims clusters), not against the scene's pixels.
+    (maps,) = noun_maps
+    assert tuple(maps.shape[-2:]) == background.shape
+    flat = maps.flatten(1)
+    low, high = flat.amin(dim=1, keepdim=True), flat.amax(dim=1, keepdim=True)
+    normalised = ((flat - low) / (high - low)).view(-1, *background.shape).numpy()
+    inside = background.astype(bool)
+    for noun in normalised:
+        assert noun[inside].mean() < 0.8 * noun[~inside].mean()
 
 
 @pytest.mark.parametrize("method", ["p2p", "dpl"])

@@ -200,8 +200,22 @@ def test_pipelines_that_append_image_tokens_are_refused(tiny_pipelines, method):
 def test_per_layer_values_from_json_lists_act_as_tuples(pipeline):
     from accel.cli import parse_options
 
-    options = parse_options(['per_layer={".*": {"kernel_size": [3, 3], "is_causal": [false, false]}}'])
-    accel.patch(pipeline, "gna", backend="torch", **options)
-    from_json = generate(pipeline, "flux-tiny")
-    accel.patch(pipeline, "gna", backend="torch", kernel_size=(3, 3), is_causal=(False, False))
-    assert np.array_equal(from_json, generate(pipeline, "flux-tiny"))
+    # The overrides must differ from flux-tiny's default geometry on its 8x8 grid (3x3 window, stride 3): with the
+    # default's own values, an override that is dropped would give the same result and the test could not fail.
+    assert flux_default_geometry((8, 8)) == ((3, 3), (3, 3))
+    with accel.patched(pipeline, "gna", backend="torch"):
+        default = generate(pipeline, "flux-tiny")
+    options = parse_options(
+        ['per_layer={".*": {"kernel_size": [5, 5], "stride": [1, 1], "is_causal": [false, false]}}']
+    )
+    with accel.patched(pipeline, "gna", backend="torch", **options):
+        from_json = generate(pipeline, "flux-tiny")
+        processors = [p for p in pipeline.transformer.attn_processors.values() if isinstance(p, _NeighborhoodAttend)]
+        assert processors and all(p.settings.kernel_size == (5, 5) for p in processors)
+        assert all(p.settings.stride == (1, 1) for p in processors)
+        neighborhood = processors[0]._neighborhoods[(8, 8)]
+        assert tuple(neighborhood.kernel_size) == (5, 5) and tuple(neighborhood.stride) == (1, 1)
+    with accel.patched(pipeline, "gna", backend="torch", kernel_size=(5, 5), stride=(1, 1), is_causal=(False, False)):
+        as_tuples = generate(pipeline, "flux-tiny")
+    assert np.array_equal(from_json, as_tuples)
+    assert np.abs(from_json - default).max() > 1e-4

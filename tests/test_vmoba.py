@@ -213,6 +213,30 @@ def test_threshold_one_equals_unpatched_and_the_sparse_paths_agree(pipeline, req
     assert np.array_equal(generate(pipeline, name), reference)
 
 
+def _patched_block_shapes(pipe, grid) -> list[tuple[int | None, ...]]:
+    """The block shape each patched layer uses at ``grid``, layers in the denoiser's order."""
+    from accel.processors.vmoba import _BlockAttend
+
+    processors = [p for p in pipe.transformer.attn_processors.values() if isinstance(p, _BlockAttend)]
+    return [processor.block_shape(grid) for processor in processors]
+
+
+@pytest.mark.parametrize("pipeline", ["hunyuanvideo-tiny"], indirect=True)
+def test_consecutive_layers_cycle_through_the_block_shapes(pipeline):
+    # VMoBA's layer-wise recurrent partitions: layer i takes shape i mod len(cycle), for the configured blocks and for
+    # the default frames / patches / cubes cycle alike (hunyuanvideo-tiny patches 2 double and 4 single blocks).
+    a, b = (1, None, None), (None, 4, 4)
+    with accel.patched(pipeline, "vmoba", blocks=[a, b]) as handle:
+        shapes = _patched_block_shapes(pipeline, (3, 8, 8))
+        assert len(shapes) == len(handle.layers) == 6
+    assert shapes == [a, b, a, b, a, b]
+    grid = (30, 48, 80)
+    with accel.patched(pipeline, "vmoba"):
+        shapes = _patched_block_shapes(pipeline, grid)
+    cycle = [default_block_shape("hunyuanvideo", index)(grid) for index in range(3)]
+    assert len(set(cycle)) == 3 and shapes == cycle * 2
+
+
 @pytest.mark.parametrize("pipeline", ["hunyuanvideo-tiny"], indirect=True)
 def test_a_grid_that_is_one_block_for_some_layers_only_says_which(pipeline, caplog):
     # 128 px, 9 frames: 3x8x8 tokens. Frame blocks (1, all, all) split it in 3; a whole cube (all, all, all) does

@@ -234,6 +234,31 @@ class _StridedConv(_RAUNetHook):
         return F.conv2d(hidden_states, module.weight, module.bias, stride=stride, padding=padding, dilation=2)
 
 
+def strided_convs(sampler: torch.nn.Module) -> list[torch.nn.Conv2d]:
+    """The down-sampler's stride-2 convolutions: its own, or under a LoRA wrapper (peft, LoCon) the base layer's and
+    the adapters' down projections, which run at the base's stride; all must take RAU-Net's stride together."""
+    return [m for m in sampler.modules() if isinstance(m, torch.nn.Conv2d) and tuple(m.stride) == (2, 2)]
+
+
+class _ConvsAsPatched(_RAUNetHook):
+    """Refuses a down-sampler whose strided convolutions changed after patching (a LoRA loaded since): half of them
+    at RAU-Net's stride would not add up."""
+
+    def __init__(self, state: RAUNetState, stage: int, convs: list[torch.nn.Conv2d]):
+        super().__init__(state)
+        self.stage = stage
+        self.convs = {id(conv) for conv in convs}
+
+    def pre_forward(self, module, *args, **kwargs):
+        if self.state.active(self.stage) and {id(conv) for conv in strided_convs(module)} != self.convs:
+            raise RuntimeError(
+                "hidiffusion: the UNet's down-sampling convolutions changed after accel.patch (a LoRA loaded or "
+                "unloaded since?); RAU-Net strides them all alike, so call accel.unpatch(pipe) and patch again after "
+                "loading adapters"
+            )
+        return args, kwargs
+
+
 class _PoolAfter(_RAUNetHook):
     """Pool RAD, down side: average-pool the output of a block's first attention layer (ceil mode)."""
 
@@ -289,8 +314,10 @@ def raunet_hooks(unet, state: RAUNetState) -> list[tuple[torch.nn.Module, ModelH
         if getattr(block, "upsamplers", None):
             hooks.append((block, _UpsampleSize(state, consumed), "accel_raunet"))
     for stage, index in shape.conv_rad_stage.items():
-        conv = unet.down_blocks[index].downsamplers[0].conv
-        hooks.append((conv, _StridedConv(state, stage), "accel_raunet"))
+        sampler = unet.down_blocks[index].downsamplers[0]
+        convs = strided_convs(sampler)
+        hooks.extend((conv, _StridedConv(state, stage), "accel_raunet") for conv in convs)
+        hooks.append((sampler, _ConvsAsPatched(state, stage, convs), "accel_raunet_convs"))
     for stage, index in shape.pool_rad_stage.items():
         down, up = unet.down_blocks[index], unet.up_blocks[shape.up_index(index)]
         hooks.append((down.attentions[0], _PoolAfter(state, stage, index), "accel_raunet"))

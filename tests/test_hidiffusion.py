@@ -1,5 +1,7 @@
 """HiDiffusion: window kernel vs reference, exact mode, RAU-Net schedule and sizes, odd sizes, errors, unpatch."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -340,3 +342,50 @@ def test_controlnet_residuals_follow_raunet(sd, monkeypatch):
     # While RAU-Net has the features shrunk, the residuals are pooled to them, not dropped.
     assert pooled and all(torch.equal(out, expected) for out, expected in pooled)
     assert any(out.abs().max() > 0 for out, _ in pooled)  # the run with control (the other has scale 0)
+
+
+class _LoRAConv(torch.nn.Module):
+    """peft's layout of a LoRA on a conv: the base layer, a down projection at the base's kernel and stride, a 1x1 up
+    projection."""
+
+    def __init__(self, base: torch.nn.Conv2d, rank: int = 2):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
+        self.lora_B = torch.nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for weight in (self.lora_A.weight, self.lora_B.weight):
+                weight.copy_(0.5 * torch.randn(weight.shape, generator=generator))
+
+    def forward(self, hidden_states):
+        return self.base_layer(hidden_states) + self.lora_B(self.lora_A(hidden_states))
+
+    def merged(self) -> torch.nn.Conv2d:
+        merged = copy.deepcopy(self.base_layer)
+        with torch.no_grad():
+            merged.weight += torch.einsum("or,rikl->oikl", self.lora_B.weight[:, :, 0, 0], self.lora_A.weight)
+        return merged
+
+
+def test_raunet_strides_a_lora_on_the_down_sampler_with_its_base(sd):
+    sampler = sd.unet.down_blocks[0].downsamplers[0]  # sd15's conv RAD
+    own = sampler.conv
+    lora = _LoRAConv(own)
+    try:
+        # RAU-Net runs at 256 px (twice the training size) for the first 2 of 5 steps.
+        sampler.conv = lora.merged()
+        with accel.patched(sd, "hidiffusion"):
+            merged = generate(sd, (256, 256), steps=5)
+        sampler.conv = lora
+        with accel.patched(sd, "hidiffusion"):
+            wrapped = generate(sd, (256, 256), steps=5)
+        np.testing.assert_allclose(wrapped, merged, atol=1e-4)
+        # A LoRA loaded after patching: refused with the fix, not a shape error deep in the up path.
+        sampler.conv = own
+        with accel.patched(sd, "hidiffusion"):
+            sampler.conv = lora
+            with pytest.raises(RuntimeError, match="changed after accel.patch .* patch again"):
+                generate(sd, (256, 256), steps=5)
+    finally:
+        sampler.conv = own

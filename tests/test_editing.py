@@ -67,6 +67,10 @@ def test_kmeans_and_background_find_the_unclaimed_region():
     word = blob.view(1, 8, 8)
     background = editing.background_from_clusters(labels, grid, word)
     assert torch.equal(background, 1 - blob.view(8, 8))
+    # Both clusters claimed (a second word on the rest): no background, so DPL drops its background loss rather
+    # than push a word off its own object.
+    claimed = editing.background_from_clusters(labels, grid, torch.stack([blob, 1 - blob]).view(2, 8, 8))
+    assert not claimed.any()
 
 
 def test_blend_mask_scales_out_a_floor():

@@ -42,6 +42,7 @@ class PatchHandle:
         self.layers: dict[str, str] = layers
         self._originals: dict[str, Any] = originals
         self._undo = undo
+        self._installed: dict[str, Any] = {}
         self.active = True
 
     def remove(self) -> None:
@@ -49,22 +50,38 @@ class PatchHandle:
         if not self.active:
             return
         denoiser = self._denoiser
-        current = denoiser.attn_processors
-        for key, original in self._originals.items():
-            # diffusers' switches used while patched (set_attention_backend, enable_parallelism) reached accel's
-            # processors; the restored ones must keep them, or a context-parallel model would attend locally.
-            for attribute in _CARRIED_ATTRIBUTES:
-                value = getattr(current.get(key), attribute, None)
-                if value is not None and getattr(original, attribute, None) is None and hasattr(original, attribute):
-                    setattr(original, attribute, value)
-        # set_attn_processor pops from the dict it is given, so hand it a copy.
-        denoiser.set_attn_processor(dict(self._originals))
+        denoiser.set_attn_processor(self._processors_without_accel())
+        # fuse_qkv_projections while patched saved accel's processors for unfuse_qkv_projections to put back.
+        saved = getattr(denoiser, "original_attn_processors", None)
+        if isinstance(saved, dict):
+            for key, processor in saved.items():
+                if processor is self._installed.get(key):
+                    saved[key] = self._originals[key]
         for undo in reversed(self._undo):
             undo()
         if getattr(denoiser, _HANDLE_ATTRIBUTE, None) is self:
             delattr(denoiser, _HANDLE_ATTRIBUTE)
         self.context.reset()
         self.active = False
+
+    def _processors_without_accel(self) -> dict[str, Any]:
+        """The denoiser's processors with accel's replaced by those it found; a processor set since (an IP-Adapter,
+        attention slicing, the user's own) is the user's, and stays."""
+        installed = self._installed
+        restored = {}
+        for key, now in self._denoiser.attn_processors.items():
+            original = self._originals.get(key, now)
+            if now is not installed.get(key, original):
+                restored[key] = now
+                continue
+            # diffusers' switches used while patched (set_attention_backend, enable_parallelism) reached accel's
+            # processors; the restored ones must keep them, or a context-parallel model would attend locally.
+            for attribute in _CARRIED_ATTRIBUTES:
+                value = getattr(now, attribute, None)
+                if value is not None and getattr(original, attribute, None) is None and hasattr(original, attribute):
+                    setattr(original, attribute, value)
+            restored[key] = original
+        return restored
 
     def __enter__(self) -> PatchHandle:
         return self
@@ -132,7 +149,7 @@ def patch(target: Any, method: MethodSpec | Sequence[MethodSpec] | None = None, 
         info.applier(plan, config)
 
     previous = getattr(denoiser, _HANDLE_ATTRIBUTE, None)
-    originals = previous._originals if previous is not None else denoiser.attn_processors
+    originals = previous._processors_without_accel() if previous is not None else denoiser.attn_processors
     _check_replaceable(plan, family, originals)
     if previous is not None:
         previous.remove()
@@ -232,12 +249,27 @@ def _resolve_configs(method, options: dict[str, Any]) -> list[MethodConfig]:
 def _check_replaceable(plan: PatchPlan, family: ModelFamily, originals: dict[str, Any]) -> None:
     for name in plan.processors:
         current = originals[f"{name}.processor"]
-        if type(current).__name__ not in family.replaceable_processors:
-            raise PatchConflictError(
-                f"{name} uses {type(current).__name__}, which accel would replace and whose behaviour would be lost "
-                f"(accel replaces only {', '.join(sorted(family.replaceable_processors))}); remove it first "
-                "(e.g. pipe.unload_ip_adapter()) or exclude the layer with layers=..."
+        kind = type(current).__name__
+        if kind not in family.replaceable_processors:
+            # diffusers' own switches set these on every layer, so excluding layers cannot help: name the switch off.
+            switch_off = next((fix for prefix, fix in _SWITCHES_OFF if kind.startswith(prefix)), None)
+            remedy = (
+                f"turn it off first ({switch_off}), then patch"
+                if switch_off is not None
+                else "remove it first (e.g. pipe.unload_ip_adapter()) or exclude the layer with layers=..."
             )
+            raise PatchConflictError(
+                f"{name} uses {kind}, which accel would replace and whose behaviour would be lost (accel replaces "
+                f"only {', '.join(sorted(family.replaceable_processors))}); {remedy}"
+            )
+
+
+# Processors that diffusers' pipeline switches install on every layer, and the call that removes them.
+_SWITCHES_OFF = (
+    ("SlicedAttnProcessor", "pipe.disable_attention_slicing()"),
+    ("XFormersAttnProcessor", "pipe.disable_xformers_memory_efficient_attention(); accel's own kernels replace it"),
+    ("AttnProcessorNPU", "pipe.unet.set_default_attn_processor()"),
+)
 
 
 def _wrap_attribute(owner: Any, attribute: str, wrapper) -> Any:
@@ -280,9 +312,12 @@ def _commit(plan: PatchPlan, configs: list[MethodConfig], originals: dict[str, A
         replaced[f"{name}.processor"] = processor
 
     undo = []
+    attention_modules = {name: module for name, module in denoiser.named_modules() if hasattr(module, "set_processor")}
+    installed = [(name, attention_modules[name], processor) for name, (_, processor) in plan.processors.items()]
     try:
         denoiser.set_attn_processor(replaced)
-        undo.append(install_hook(denoiser, StepStateHook(plan.family, plan.context, plan.pipeline), STEP_HOOK_NAME))
+        step_hook = StepStateHook(plan.family, plan.context, plan.pipeline, installed)
+        undo.append(install_hook(denoiser, step_hook, STEP_HOOK_NAME))
         for module, hook, name in plan.hooks:
             undo.append(install_hook(module, hook, name))
         for attribute, wrapper in plan.pipeline_wrappers:
@@ -295,5 +330,6 @@ def _commit(plan: PatchPlan, configs: list[MethodConfig], originals: dict[str, A
     undo.extend(plan.undo)
     layers = {name: owner for name, (owner, _) in plan.processors.items()}
     handle = PatchHandle(denoiser, plan.family, configs, plan.context, originals, layers, undo, plan.pipeline)
+    handle._installed = {f"{name}.processor": processor for name, _, processor in installed}
     setattr(denoiser, _HANDLE_ATTRIBUTE, handle)
     return handle

@@ -28,10 +28,19 @@ _DENOISER_NAMES = ("unet", "transformer")
 class StepStateHook(ModelHook):
     _is_stateful = True
 
-    def __init__(self, family: ModelFamily, context: PatchContext, pipeline: Any | None = None):
+    def __init__(
+        self,
+        family: ModelFamily,
+        context: PatchContext,
+        pipeline: Any | None = None,
+        installed: list[tuple[str, torch.nn.Module, Any]] = (),
+    ):
         super().__init__()
         self.family = family
         self.context = context
+        # (layer, attention module, accel's processor): diffusers' own switches (fuse_qkv_projections,
+        # enable_attention_slicing, load_ip_adapter) replace every processor, which would leave a half-patched model.
+        self.installed = list(installed)
         # Weak, so a patched denoiser never keeps its pipeline alive; the scheduler is looked up at call time because
         # users swap ``pipe.scheduler``.
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
@@ -42,6 +51,7 @@ class StepStateHook(ModelHook):
         return module
 
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        self._check_processors()
         inputs = self._signature.bind_partial(*args, **kwargs).arguments
         self.context.layout = self.family.read_layout(module, inputs)
         timestep = self.family.timestep_of(inputs)
@@ -52,6 +62,19 @@ class StepStateHook(ModelHook):
         pipeline = running if running is not None else patched
         self.context.enter(None if timestep is None else self._step_state(timestep, pipeline))
         return args, kwargs
+
+    def _check_processors(self) -> None:
+        replaced = [
+            (name, attention.processor) for name, attention, own in self.installed if attention.processor is not own
+        ]
+        if replaced:
+            name, processor = replaced[0]
+            raise RuntimeError(
+                f"accel: the attention processors of {len(replaced)} patched layers were replaced after accel.patch "
+                f"(e.g. {name} now has {type(processor).__name__}), by pipe.fuse_qkv_projections(), "
+                "enable_attention_slicing(), load_ip_adapter() or set_attn_processor(); call accel.unpatch(pipe), make "
+                "that change, then patch again"
+            )
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.context.reset()

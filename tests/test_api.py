@@ -277,6 +277,18 @@ def test_a_foreign_processor_is_never_silently_replaced(sd):
         sd.unet.set_attn_processor(processors)
 
 
+def test_attention_slicing_is_refused_with_the_switch_that_turns_it_off(sd):
+    processors = dict(sd.unet.attn_processors)
+    sd.enable_attention_slicing()
+    try:
+        with pytest.raises(
+            accel.PatchConflictError, match=r"turn it off first \(pipe.disable_attention_slicing\(\)\)"
+        ):
+            accel.patch(sd, "dense")
+    finally:
+        sd.unet.set_attn_processor(processors)
+
+
 @dataclass(kw_only=True)
 class _TaggedConfig(accel.MethodConfig):
     """Test-only method: dense attention that counts its calls."""
@@ -370,3 +382,39 @@ def test_a_patched_denoiser_does_not_keep_its_pipeline_alive(method):
     assert pipeline_ref() is None
     accel.unpatch(unet)  # what is left to restore is the denoiser's own
     assert not hasattr(unet, "_accel_patch")
+
+
+def test_processors_replaced_while_patched_are_refused_and_kept_by_unpatch(sd):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    plain = generate(sd, "sd15-tiny")
+    before = dict(sd.unet.attn_processors)
+    try:
+        with accel.patched(sd, "agent", agent_ratio=1 / 4):
+            sd.enable_attention_slicing()  # replaces every processor, accel's too
+            with pytest.raises(RuntimeError, match=r"replaced after accel.patch .* accel\.unpatch\(pipe\), make that"):
+                generate(sd, "sd15-tiny")
+    finally:
+        sd.disable_attention_slicing()
+    np.testing.assert_array_equal(generate(sd, "sd15-tiny"), plain)
+
+    # A processor the user sets on one layer while patched is theirs: unpatch restores the others around it.
+    sd.unet.set_attn_processor(dict(before))
+    handle = accel.patch(sd, "agent", agent_ratio=1 / 4)
+    layer = next(iter(handle.layers))
+    own = AttnProcessor()
+    sd.unet.get_submodule(layer).set_processor(own)
+    accel.unpatch(sd)
+    after = sd.unet.attn_processors
+    sd.unet.set_attn_processor(dict(before))
+    assert after.pop(f"{layer}.processor") is own
+    assert all(after[key] is processor for key, processor in before.items() if key != f"{layer}.processor")
+
+
+def test_qkv_fused_while_patched_unfuses_to_the_unpatched_processors(sd):
+    plain = generate(sd, "sd15-tiny")
+    with accel.patched(sd, "agent", agent_ratio=1 / 4):
+        sd.fuse_qkv_projections()
+    sd.unfuse_qkv_projections()  # puts back what fuse saved, which were accel's processors
+    assert all(not type(p).__module__.startswith("accel") for p in sd.unet.attn_processors.values())
+    np.testing.assert_allclose(generate(sd, "sd15-tiny"), plain, atol=1e-5)

@@ -347,8 +347,8 @@ class LatentGuidanceHook(ModelHook):
             return
         self.context.warned.add(notice)
         logger.warning(
-            "%s: this run enters the schedule at %.2f (img2img / inpaint strength), past guided_steps=%.2f, so no "
-            "step is guided (guided_steps above %.2f, or a larger strength, guides it)",
+            "%s: this run enters the schedule at %.2f (img2img / inpaint strength or denoising_start), past "
+            "guided_steps=%.2f, so no step is guided (guided_steps above %.2f, or a larger strength, guides it)",
             self.state.loss,
             run_start,
             self.state.guided_steps,

@@ -116,9 +116,9 @@ class RAUNetState:
             return
         self.context.warned.add(notice)
         logger.warning(
-            "hidiffusion: this run enters the schedule at %.2f (img2img / inpaint strength), past RAU-Net's last "
-            "switch (%.2f), so only MSW-MSA acts; RAU-Net shapes the layout in the early, noisy steps (a larger "
-            "strength, or raunet_switch above %.2f, runs it)",
+            "hidiffusion: this run enters the schedule at %.2f (img2img / inpaint strength or denoising_start), "
+            "past RAU-Net's last switch (%.2f), so only MSW-MSA acts; RAU-Net shapes the layout in the early, noisy "
+            "steps (a larger strength, or raunet_switch above %.2f, runs it)",
             progress,
             last_switch,
             progress,

@@ -60,7 +60,8 @@ class StepStateHook(ModelHook):
         # Controls guide only their own pipeline's calls; a sibling made with from_pipe may encode the same prompt.
         self.context.foreign_call = running is not None and patched is not None and running is not patched
         pipeline = running if running is not None else patched
-        self.context.enter(None if timestep is None else self._step_state(timestep, pipeline))
+        step = None if timestep is None else self._step_state(timestep, pipeline)
+        self.context.enter(step, caller=None if pipeline is None else id(pipeline))
         return args, kwargs
 
     def _check_processors(self) -> None:

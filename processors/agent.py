@@ -68,8 +68,9 @@ class _AgentSchedule:
             return
         self.context.warned.add(notice)
         logger.warning(
-            "agent: this run enters the schedule at %.2f (img2img / inpaint strength), past agent_steps=%.2f, so no "
-            "layer uses agents in it%s (agent_steps above %.2f, or a larger strength, brings them in)",
+            "agent: this run enters the schedule at %.2f (img2img / inpaint strength or denoising_start), past "
+            "agent_steps=%.2f, so no layer uses agents in it%s (agent_steps above %.2f, or a larger strength, brings "
+            "them in)",
             run_start,
             self.settings.agent_steps,
             "; late token merging still acts" if self.settings.late_merge_ratio > 0 else "",

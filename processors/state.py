@@ -129,6 +129,7 @@ class PatchContext:
     layout = PerThread(lambda: None)
     foreign_call = PerThread(lambda: False)
     run_start = PerThread(lambda: None)
+    run_caller = PerThread(lambda: None)
     scratch = PerThread(dict)
 
     def __init__(self, family: str, step: StepState | None = None, layout: LatentLayout | None = None):
@@ -138,10 +139,17 @@ class PatchContext:
         self.step = step
         self.layout = layout
 
-    def enter(self, step: StepState | None) -> None:
-        """Make ``step`` the running call's; a step earlier in the schedule than the last one starts a generation."""
+    def enter(self, step: StepState | None, caller: int | None = None) -> None:
+        """Make ``step`` the running call's. A step earlier in the schedule than the last one, or a call from another
+        pipeline (``caller``: its id; a refiner taking over at ``denoising_start``), starts a generation."""
         previous, self.step = self.step, step
-        if step is not None and (self.run_start is None or previous is None or step.progress < previous.progress):
+        previous_caller, self.run_caller = self.run_caller, caller
+        if step is not None and (
+            self.run_start is None
+            or previous is None
+            or step.progress < previous.progress
+            or caller != previous_caller
+        ):
             self.run_start = step.progress
 
     def reset(self) -> None:
@@ -149,4 +157,5 @@ class PatchContext:
         self.layout = None
         self.foreign_call = False
         self.run_start = None
+        self.run_caller = None
         self.scratch.clear()

@@ -418,7 +418,10 @@ def test_a_run_entering_the_schedule_past_the_agent_phase_says_so(tiny_pipelines
     assert not np.array_equal(guided, run(0.8))
     assert np.array_equal(skipped, plain)
     assert (
-        caplog.text.count("this run enters the schedule at 0.40 (img2img / inpaint strength), past agent_steps") == 1
+        caplog.text.count(
+            "this run enters the schedule at 0.40 (img2img / inpaint strength or denoising_start), past agent_steps"
+        )
+        == 1
     )
 
 

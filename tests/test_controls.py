@@ -344,7 +344,12 @@ def test_img2img_runs_start_afresh_and_a_run_past_the_guided_steps_says_so(shape
         assert "past guided_steps" not in caplog.text
         assert (run(0.4) == unguided).all()  # enters at 0.6, past guided_steps=0.5
         run(0.4)
-    assert caplog.text.count("enters the schedule at 0.60 (img2img / inpaint strength), past guided_steps=0.50") == 1
+    assert (
+        caplog.text.count(
+            "enters the schedule at 0.60 (img2img / inpaint strength or denoising_start), past guided_steps=0.50"
+        )
+        == 1
+    )
     assert abs(first - run(0.8)).max() > 1e-3
 
 

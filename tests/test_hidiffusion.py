@@ -155,10 +155,27 @@ def test_raunet_follows_the_schedule_under_img2img(sd, caplog):
         hook.remove()
     assert (
         caplog.text.count(
-            "enters the schedule at 0.60 (img2img / inpaint strength), past RAU-Net's last switch (0.40)"
+            "enters the schedule at 0.60 (img2img / inpaint strength or denoising_start), past "
+            "RAU-Net's last switch (0.40)"
         )
         == 1
     )
+
+
+def test_a_run_handed_over_to_another_pipeline_is_placed_as_its_own(sd, caplog):
+    # A refiner-style handover: the patched text-to-image call ends at progress 0.8, and a sibling img2img call
+    # entering at 0.8 is a new generation (not the rest of the first one), past RAU-Net's switch.
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    img2img = StableDiffusionImg2ImgPipeline(**sd.components)
+    img2img.set_progress_bar_config(disable=True)
+    with accel.patched(sd, "hidiffusion"), caplog.at_level("WARNING", logger="accel.pipelines.hidiffusion"):
+        generate(sd, (256, 256), steps=5)
+        assert "enters the schedule" not in caplog.text
+        img2img(
+            "a red circle", image=torch.rand(1, 3, 256, 256), strength=0.2, num_inference_steps=5, output_type="np"
+        )
+    assert "enters the schedule at 0.80" in caplog.text
 
 
 def test_inpaint_pipeline_is_patched_directly_and_follows_strength(sd):

@@ -433,20 +433,39 @@ class LatentGuidanceHook(ModelHook):
         # A step the user set on the instance (a wrapper of their own) comes back on unpatch, not the class's.
         own_step = vars(scheduler).get("step", _NO_OWN_STEP)
 
-        # The original's signature shows through: pipelines pass ``eta`` and ``generator`` only to a step that names
-        # them (``prepare_extra_step_kwargs`` reads it).
-        @functools.wraps(original)
-        def step(model_output, timestep, sample, *args, **kwargs):
-            pending, state.pending_update = state.pending_update, None
-            # The step ends here: no later call (another pipeline's, a direct one) may follow its update.
-            state.step_update = None
-            if pending is not None and _same_timestep(pending[0], timestep):
-                sample = sample + _repeat_rows(pending[1].to(sample), sample)
-            return original(model_output, timestep, sample, *args, **kwargs)
-
-        step._accel_guidance = state
-        scheduler.step = step
+        scheduler.step = _GuidedStep(original, state, own_step)
         state.wrapped_schedulers.append((scheduler, own_step))
+
+
+class _GuidedStep:
+    """The scheduler's step, adding the guided call's latent update first.
+
+    The original's signature shows through (``__wrapped__``): pipelines pass ``eta`` and ``generator`` only to a step
+    that names them (``prepare_extra_step_kwargs`` reads it). A deep copy of the scheduler (taken mid-run, e.g. to
+    restart from it) gets a plain step of its own, not this one, which would step the original scheduler.
+    """
+
+    def __init__(self, original, state: GuidanceState, own_step):
+        functools.update_wrapper(self, original)
+        self._original = original
+        self._accel_guidance = state
+        self._own_step = own_step
+
+    def __call__(self, model_output, timestep, sample, *args, **kwargs):
+        state = self._accel_guidance
+        pending, state.pending_update = state.pending_update, None
+        # The step ends here: no later call (another pipeline's, a direct one) may follow its update.
+        state.step_update = None
+        if pending is not None and _same_timestep(pending[0], timestep):
+            sample = sample + _repeat_rows(pending[1].to(sample), sample)
+        return self._original(model_output, timestep, sample, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        scheduler = getattr(self._original, "__self__", None)
+        copied = memo.get(id(scheduler)) if scheduler is not None else None
+        if self._own_step is not _NO_OWN_STEP or copied is None:
+            return self._own_step if self._own_step is not _NO_OWN_STEP else self._original
+        return type(copied).step.__get__(copied)
 
 
 def default_recorded_layers(sites: list) -> set[str]:

@@ -223,6 +223,24 @@ def test_the_step_shim_keeps_eta_and_the_generator_reaching_the_scheduler(shapes
         shapes_pipe.scheduler = original
 
 
+def test_a_deep_copy_of_the_guided_scheduler_steps_itself(shapes_pipe):
+    import copy
+
+    reference = copy.deepcopy(shapes_pipe.scheduler)
+    with accel.patched(shapes_pipe, "astar"):
+        generate_shapes(shapes_pipe, PROMPT)
+        copied = copy.deepcopy(shapes_pipe.scheduler)  # e.g. kept to restart from
+    assert "step" not in vars(shapes_pipe.scheduler)
+    own = shapes_pipe.scheduler
+    try:
+        shapes_pipe.scheduler = copied
+        from_copy = generate_shapes(shapes_pipe, PROMPT)
+        shapes_pipe.scheduler = reference
+        assert (from_copy == generate_shapes(shapes_pipe, PROMPT)).all()
+    finally:
+        shapes_pipe.scheduler = own
+
+
 def test_a_second_order_scheduler_is_guided_once_per_step(shapes_pipe):
     from diffusers import HeunDiscreteScheduler
 

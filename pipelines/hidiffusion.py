@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 from diffusers.utils import logging
 
-from accel.processors.state import PatchContext, PerThread
+from accel.processors.state import PatchContext, PerThread, PerThreadOwner
 
 logger = logging.get_logger(__name__)
 
@@ -68,7 +68,7 @@ def default_switches(scale: float) -> tuple[float, float]:
     return 0.7, 0.3
 
 
-class RAUNetState:
+class RAUNetState(PerThreadOwner):
     """Per-call state shared by the RAU-Net hooks of one patch (kept per thread, as `PatchContext`'s is)."""
 
     skip_sizes: list[torch.Size] = PerThread(list)

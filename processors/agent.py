@@ -22,7 +22,7 @@ from accel.processors.dense import (
     DenseHunyuanVideoAttnProcessor,
 )
 from accel.processors.joint import JointVisualAttend
-from accel.processors.state import PatchContext, PerThread
+from accel.processors.state import PatchContext, PerThread, PerThreadOwner
 
 logger = logging.get_logger(__name__)
 
@@ -85,7 +85,7 @@ class _AgentSchedule:
         return f"{type(self).__name__}(layer={self.layer!r}, settings={self.settings})"
 
 
-class AgentAttnProcessor(_AgentSchedule, DenseAttnProcessor):
+class AgentAttnProcessor(_AgentSchedule, PerThreadOwner, DenseAttnProcessor):
     """AgentSD on a UNet self-attention layer: token merging plus agent attention early, token merging late."""
 
     # Set by ``__call__`` for the duration of one call: (attention module, agent hidden states); per thread, since

@@ -16,6 +16,8 @@ Conventions kept from diffusers:
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -81,7 +83,22 @@ def resolve_kernel_backend(
     return "torch"
 
 
-class DenseAttentionProcessorBase:
+class _ProcessorType(type):
+    """Refuses ``Processor()`` where the class needs arguments, with what to do instead: diffusers rebuilds every
+    processor as ``type(processor)()`` when it loads or unloads an IP-Adapter. (A metaclass, so copies and pickles,
+    which make instances without calling the class, are unaffected.)"""
+
+    def __call__(cls, *args, **kwargs):
+        if not args and not kwargs and _has_required_arguments(cls):
+            raise TypeError(
+                f"{cls.__name__}() needs what accel.patch gives it; diffusers rebuilds every attention processor "
+                "when it loads or unloads an IP-Adapter, which cannot be done while patched: call "
+                "accel.unpatch(pipe), load or unload the adapter, then patch again"
+            )
+        return super().__call__(*args, **kwargs)
+
+
+class DenseAttentionProcessorBase(metaclass=_ProcessorType):
     """Shared seam: subclasses override ``attend``; the default computes exact attention through diffusers."""
 
     _attention_backend = None
@@ -349,3 +366,11 @@ def _rotate_prefix(tokens: torch.Tensor, rotary_emb, prefix: int) -> torch.Tenso
         return apply_rotary_emb(tokens, rotary_emb, sequence_dim=1)
     rotated = apply_rotary_emb(tokens[:, :prefix], rotary_emb, sequence_dim=1)
     return torch.cat([rotated, tokens[:, prefix:]], dim=1)
+
+
+@functools.cache
+def _has_required_arguments(cls) -> bool:
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    return any(
+        p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters
+    )

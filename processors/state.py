@@ -108,7 +108,18 @@ class PerThread:
         setattr(owner_instance._per_thread, self.name, value)
 
 
-class PatchContext:
+class PerThreadOwner:
+    """Base of the classes holding `PerThread` attributes, which are parts of a live patch: a copy or pickle of a
+    patched model would share undo steps bound to the original, so it is refused with the order that works."""
+
+    def __getstate__(self) -> dict:
+        raise TypeError(
+            "accel: a patched model cannot be copied or pickled (its patch is bound to this model); copy it before "
+            "accel.patch, or accel.unpatch it first, then patch each copy"
+        )
+
+
+class PatchContext(PerThreadOwner):
     """Mutable per-patch state shared by one model's hook (writer) and processors (readers).
 
     Attributes:

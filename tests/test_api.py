@@ -411,10 +411,26 @@ def test_processors_replaced_while_patched_are_refused_and_kept_by_unpatch(sd):
     assert all(after[key] is processor for key, processor in before.items() if key != f"{layer}.processor")
 
 
-def test_qkv_fused_while_patched_unfuses_to_the_unpatched_processors(sd):
+def test_qkv_fused_while_patched_unfuses_to_the_unpatched_processors():
+    # Its own pipeline: fusing adds to_qkv modules that stay after unfusing (ControlNet.from_unet would refuse them).
+    sd = accel.load_pipeline("sd15-tiny")
+    sd.set_progress_bar_config(disable=True)
     plain = generate(sd, "sd15-tiny")
     with accel.patched(sd, "agent", agent_ratio=1 / 4):
         sd.fuse_qkv_projections()
     sd.unfuse_qkv_projections()  # puts back what fuse saved, which were accel's processors
     assert all(not type(p).__module__.startswith("accel") for p in sd.unet.attn_processors.values())
     np.testing.assert_allclose(generate(sd, "sd15-tiny"), plain, atol=1e-5)
+
+
+def test_a_patched_model_is_not_copied_and_its_processors_are_not_rebuilt_bare(sd):
+    import copy
+
+    with accel.patched(sd, "agent") as handle:
+        with pytest.raises(TypeError, match="cannot be copied or pickled .* accel.unpatch it first"):
+            copy.deepcopy(sd.unet)
+        # diffusers rebuilds every processor as type(processor)() when it loads or unloads an IP-Adapter.
+        processor = sd.unet.get_submodule(next(iter(handle.layers))).processor
+        with pytest.raises(TypeError, match=r"needs what accel.patch gives it; .* IP-Adapter"):
+            type(processor)()
+    copy.deepcopy(sd.unet)  # unpatched, it copies

@@ -313,7 +313,9 @@ class LatentGuidanceHook(ModelHook):
         if not guided:
             run_start = self.context.run_start
             if state.step_size > 0 and run_start and run_start >= state.guided_steps > 0:
-                self._notice_run_starts_past_the_guided_steps(run_start)
+                self.context.notice_run_past(
+                    logger, state.loss, f"guided_steps={state.guided_steps:.2f}", "no step is guided", "guided_steps"
+                )
             return forward(*args, **kwargs)
         if not any(state.positions):
             if not self._warned_no_subjects:
@@ -340,20 +342,6 @@ class LatentGuidanceHook(ModelHook):
         self._ensure_step_shim()
         arguments[self.inputs.latent] = latent + _repeat_rows(update, latent)
         return forward(**arguments)
-
-    def _notice_run_starts_past_the_guided_steps(self, run_start: float) -> None:
-        notice = (self.state.loss, f"guided steps skipped {run_start:.3f}")
-        if notice in self.context.warned:
-            return
-        self.context.warned.add(notice)
-        logger.warning(
-            "%s: this run enters the schedule at %.2f (img2img / inpaint strength or denoising_start), past "
-            "guided_steps=%.2f, so no step is guided (guided_steps above %.2f, or a larger strength, guides it)",
-            self.state.loss,
-            run_start,
-            self.state.guided_steps,
-            run_start,
-        )
 
     def _follows_step_update(self, arguments: dict, step) -> bool:
         """Another call of a guided step (FLUX's true-CFG negative pass) gets the same moved latent."""

@@ -106,23 +106,13 @@ class RAUNetState(PerThreadOwner):
         self.stages = tuple(step.progress < switch for switch in switches)
         run_start = self.context.run_start
         if run_start and any(switches) and run_start >= max(switches):
-            self._notice_run_starts_past_the_switches(run_start, max(switches), layout.grid)
-
-    def _notice_run_starts_past_the_switches(self, progress: float, last_switch: float, grid) -> None:
-        # img2img / inpaint with a small strength enter the schedule late; RAU-Net follows the noise level, so such a
-        # run never shrinks the deep blocks. Said once, since it looks like the method doing nothing.
-        notice = ("hidiffusion", f"raunet skipped {grid} {progress:.3f}")
-        if notice in self.context.warned:
-            return
-        self.context.warned.add(notice)
-        logger.warning(
-            "hidiffusion: this run enters the schedule at %.2f (img2img / inpaint strength or denoising_start), "
-            "past RAU-Net's last switch (%.2f), so only MSW-MSA acts; RAU-Net shapes the layout in the early, noisy "
-            "steps (a larger strength, or raunet_switch above %.2f, runs it)",
-            progress,
-            last_switch,
-            progress,
-        )
+            self.context.notice_run_past(
+                logger,
+                "hidiffusion",
+                f"RAU-Net's last switch ({max(switches):.2f})",
+                "only MSW-MSA acts (RAU-Net shapes the layout in the early, noisy steps)",
+                "raunet_switch",
+            )
 
     def active(self, stage: int) -> bool:
         return self.stages[stage - 1]

@@ -57,25 +57,15 @@ class _AgentSchedule:
         early = progress < self.settings.agent_steps
         run_start = self.context.run_start if self.context is not None else None
         if not early and run_start and run_start >= self.settings.agent_steps > 0:
-            self._notice_run_starts_past_the_agent_phase(run_start)
+            late_merging = "; late token merging still acts" if self.settings.late_merge_ratio > 0 else ""
+            self.context.notice_run_past(
+                logger,
+                "agent",
+                f"agent_steps={self.settings.agent_steps:.2f}",
+                f"no layer uses agents in it{late_merging}",
+                "agent_steps",
+            )
         return early
-
-    def _notice_run_starts_past_the_agent_phase(self, run_start: float) -> None:
-        # img2img / inpaint with a small strength enter the schedule late, and the agent phase is placed by noise
-        # level: such a run has no agent step at all, which looks like the method doing nothing.
-        notice = ("agent", f"agent phase skipped {run_start:.3f}")
-        if notice in self.context.warned:
-            return
-        self.context.warned.add(notice)
-        logger.warning(
-            "agent: this run enters the schedule at %.2f (img2img / inpaint strength or denoising_start), past "
-            "agent_steps=%.2f, so no layer uses agents in it%s (agent_steps above %.2f, or a larger strength, brings "
-            "them in)",
-            run_start,
-            self.settings.agent_steps,
-            "; late token merging still acts" if self.settings.late_merge_ratio > 0 else "",
-            run_start,
-        )
 
     def _scales(self, head_dim: int) -> tuple[float, float]:
         scale = head_dim**-0.5

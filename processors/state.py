@@ -163,6 +163,25 @@ class PatchContext(PerThreadOwner):
         ):
             self.run_start = step.progress
 
+    def notice_run_past(self, logger, method: str, phase: str, consequence: str, setting: str) -> None:
+        """Say once per patch and entry point that the running generation entered the schedule (img2img / inpaint
+        ``strength``, ``denoising_start``) after ``phase`` of ``method`` ended: methods follow the noise level, so
+        such a run lacks that phase, which looks like the method doing nothing."""
+        notice = (method, f"run past {phase} {self.run_start:.3f}")
+        if notice in self.warned:
+            return
+        self.warned.add(notice)
+        logger.warning(
+            "%s: this run enters the schedule at %.2f (img2img / inpaint strength or denoising_start), past %s, so "
+            "%s (%s above %.2f, or a larger strength, brings it in)",
+            method,
+            self.run_start,
+            phase,
+            consequence,
+            setting,
+            self.run_start,
+        )
+
     def reset(self) -> None:
         self.step = None
         self.layout = None

@@ -108,25 +108,23 @@ def test_hidiffusion_peer_warms_up_before_timing(benchmark_modules):
     assert calls == [1, 1] and result == 2
 
 
-def test_hidiffusion_peer_without_the_package_names_the_install(tmp_path):
-    # Setting the module to None makes `import hidiffusion` fail as if it were not installed.
-    script = (
-        "import runpy, sys; sys.modules['hidiffusion'] = None; sys.path.insert(0, 'benchmarks'); "
-        f"sys.argv = ['hidiffusion_peer.py', '--models', 'sd15-tiny', '--sizes', '64', '--out', {str(tmp_path)!r}]; "
-        "runpy.run_path('benchmarks/hidiffusion_peer.py', run_name='__main__')"
+@pytest.mark.parametrize(
+    ("script", "package", "arguments", "install"),
+    [
+        ("hidiffusion_peer.py", "hidiffusion", ["--models", "sd15-tiny", "--sizes", "64"], "hidiffusion==0.1.10"),
+        ("quality.py", "tomesd", ["--method", "agent", "tomesd"], "tomesd"),
+    ],
+)
+def test_a_missing_peer_package_is_named_with_its_install_before_anything_runs(
+    tmp_path, script, package, arguments, install
+):
+    # Setting the module to None makes its import fail as if it were not installed.
+    argv = [script, *arguments, "--out", str(tmp_path)]
+    code = (
+        f"import runpy, sys; sys.modules[{package!r}] = None; sys.path.insert(0, 'benchmarks'); "
+        f"sys.argv = {argv!r}; runpy.run_path('benchmarks/{script}', run_name='__main__')"
     )
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert completed.returncode != 0 and "Traceback" not in completed.stderr
-    assert completed.stderr.strip().endswith("install it: pip install hidiffusion==0.1.10")
-
-
-def test_quality_without_tomesd_names_the_install_before_generating(tmp_path):
-    script = (
-        "import runpy, sys; sys.modules['tomesd'] = None; sys.path.insert(0, 'benchmarks'); "
-        f"sys.argv = ['quality.py', '--method', 'agent', 'tomesd', '--out', {str(tmp_path)!r}]; "
-        "runpy.run_path('benchmarks/quality.py', run_name='__main__')"
-    )
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
-    assert completed.returncode != 0 and "Traceback" not in completed.stderr
-    assert completed.stderr.strip().endswith("install it: pip install tomesd")
+    assert completed.stderr.strip().endswith(f"install it: pip install {install}")
     assert not (tmp_path / "results.json").exists()

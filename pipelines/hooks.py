@@ -61,7 +61,8 @@ class StepStateHook(ModelHook):
         self.context.foreign_call = running is not None and patched is not None and running is not patched
         pipeline = running if running is not None else patched
         step = None if timestep is None else self._step_state(timestep, pipeline)
-        self.context.enter(step, caller=None if pipeline is None else id(pipeline))
+        schedule = getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
+        self.context.enter(step, caller=None if pipeline is None else id(pipeline), schedule=schedule)
         return args, kwargs
 
     def _check_processors(self) -> None:

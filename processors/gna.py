@@ -92,6 +92,15 @@ class _NeighborhoodAttend(JointVisualAttend):
                     strides = stride if isinstance(stride, tuple) else (stride,) * len(grid)
                     stride = tuple(min(s, side) for s, side in zip(strides, grid, strict=True))
                     kernel = tuple(max(k, s) for k, s in zip(kernel, stride, strict=True))
+                    dilation = self.settings.dilation
+                    dilations = dilation if isinstance(dilation, tuple) else (dilation,) * len(grid)
+                    for side, window, step, spread in zip(grid, kernel, stride, dilations, strict=True):
+                        if window * spread > side:
+                            raise ValueError(
+                                f"stride {step} needs a window of at least {window}, which dilated by {spread} spans "
+                                f"{window * spread} tokens, more than the side {side}; use a smaller stride or "
+                                "dilation, or a larger size"
+                            )
                 cached = Neighborhood.create(grid, kernel, stride, self.settings.dilation, self.settings.is_causal)
             except ValueError as error:
                 raise ValueError(f"gna: {self.layer} at token grid {grid}: {error}") from None

@@ -150,16 +150,20 @@ class PatchContext(PerThreadOwner):
         self.step = step
         self.layout = layout
 
-    def enter(self, step: StepState | None, caller: int | None = None) -> None:
-        """Make ``step`` the running call's. A step earlier in the schedule than the last one, or a call from another
-        pipeline (``caller``: its id; a refiner taking over at ``denoising_start``), starts a generation."""
+    def enter(self, step: StepState | None, caller: int | None = None, schedule: object | None = None) -> None:
+        """Make ``step`` the running call's. A generation starts at a step earlier in the schedule than the last one,
+        at a call from another pipeline (``caller``: its id; a refiner taking over at ``denoising_start``), or on a
+        schedule the scheduler made anew (``schedule``: its ``timesteps``, which pipelines set at every call, so a
+        run entering where the last one stopped is told apart too)."""
         previous, self.step = self.step, step
-        previous_caller, self.run_caller = self.run_caller, caller
+        previous_caller, self.run_caller = self.run_caller, (caller, schedule)
         if step is not None and (
             self.run_start is None
             or previous is None
             or step.progress < previous.progress
-            or caller != previous_caller
+            or previous_caller is None
+            or caller != previous_caller[0]
+            or schedule is not previous_caller[1]
         ):
             self.run_start = step.progress
 

@@ -425,6 +425,22 @@ def test_a_run_entering_the_schedule_past_the_agent_phase_says_so(tiny_pipelines
     )
 
 
+def test_a_run_entering_where_the_last_one_stopped_is_a_new_run(tiny_pipelines, caplog):
+    # sd15's img2img keeps accel's step hook across calls: a full 4-step run stops at progress 0.75, and a run
+    # entering at 0.75 is told apart by the new schedule the scheduler makes for it.
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    img2img = StableDiffusionImg2ImgPipeline(**tiny_pipelines["sd15-tiny"].components)
+    img2img.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with accel.patched(img2img, "agent"), caplog.at_level("WARNING", logger="accel.processors.agent"):
+        for strength in (1.0, 0.25):
+            img2img("a red circle", image=image, strength=strength, num_inference_steps=4, output_type="latent")
+    assert (
+        "enters the schedule at 0.75 (img2img / inpaint strength or denoising_start), past agent_steps" in caplog.text
+    )
+
+
 def test_seeded_destinations_are_reproducible_and_leave_the_global_rng_alone(tiny_pipelines):
     # A draw from the global RNG would make the destinations depend on what ran before and shift the user's own
     # random numbers; comparing the global state itself catches it (reseeding before two runs would hide it).

@@ -147,6 +147,10 @@ def test_an_explicit_stride_widens_the_default_window(pipeline):
     assert not np.array_equal(strided, dense)
     with accel.patched(pipeline, "gna", stride=16):
         assert np.array_equal(generate(pipeline, "flux-tiny", steps=1), dense)
+    # A widened window that its dilation cannot fit names the stride and dilation given, not a kernel never set.
+    with accel.patched(pipeline, "gna", stride=8, dilation=2):
+        with pytest.raises(ValueError, match="stride 8 needs a window of at least 8, which dilated by 2 spans 16"):
+            generate(pipeline, "flux-tiny", steps=1)
 
 
 @pytest.mark.parametrize("pipeline", ["flux-tiny"], indirect=True)

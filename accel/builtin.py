@@ -263,6 +263,7 @@ def apply_astar(plan: PatchPlan, config: AStarConfig) -> None:
         loss=config.loss,
         step_size=config.step_size,
         guided_steps=config.guided_steps,
+        refine=config.refine if config.refine is not None else config.loss == "attend_excite",
         threshold=config.threshold,
         sharpness=config.sharpness,
         tokens=config.tokens,

@@ -638,6 +638,11 @@ class AStarConfig(MethodConfig):
             leaves the pipeline exactly as it is.
         guided_steps (`float`, defaults to `1.0`):
             Fraction of the schedule with updates (A-STAR: all; A&E: the first half, 0.5).
+        refine (`bool`, *optional*): A&E's iterative refinement (``loss="attend_excite"`` only): at the steps 0.0,
+            0.2 and 0.4 of the schedule in (A&E's steps 0, 10 and 20 of 50), repeat the step's update, each from a
+            fresh forward, until every subject's smoothed peak reaches 0.05, 0.5 and 0.8 (at most 20 repeats).
+            ``None``: on for A&E's loss, as its paper and diffusers' pipeline run it; A-STAR's paper updates once a
+            step, and its loss has no such target.
         threshold (`float`, defaults to `0.7`): binarisation of the smoothed, normalised maps for retention
             (``loss="astar"`` only).
         sharpness (`float`, defaults to `100.0`): temperature of the per-pixel token softmax.
@@ -656,6 +661,7 @@ class AStarConfig(MethodConfig):
     loss: str = field(default="astar", metadata={"choices": ASTAR_LOSSES})
     step_size: float = 20.0
     guided_steps: float = 1.0
+    refine: bool | None = None
     threshold: float = 0.7
     sharpness: float = 100.0
     map_side: int | None = None
@@ -682,6 +688,13 @@ class AStarConfig(MethodConfig):
             raise InvalidOptionError(f"astar: step_size={self.step_size!r} must be a non-negative finite number")
         if not _is_number(self.guided_steps) or not 0.0 <= self.guided_steps <= 1.0:
             raise InvalidOptionError(f"astar: guided_steps={self.guided_steps!r} must be a fraction of the schedule")
+        if self.refine is not None and not isinstance(self.refine, bool):
+            raise InvalidOptionError(f"astar: refine={self.refine!r} must be True, False or None")
+        if self.refine and self.loss != "attend_excite":
+            raise InvalidOptionError(
+                "astar: refine=True repeats updates until A&E's loss meets its targets, so it needs "
+                "loss='attend_excite'; A-STAR's loss updates once a step"
+            )
         if not _is_number(self.threshold) or not 0.0 < self.threshold < 1.0:
             raise InvalidOptionError(f"astar: threshold={self.threshold!r} must be in (0, 1)")
         if self.loss == "attend_excite" and self.is_set("threshold"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,11 @@ from accel.processors.controls import CrossAttentionStore
 from accel.processors.state import PatchContext
 
 GUIDANCE_HOOK_NAME = "accel_latent_guidance"
+
+# Attend-and-Excite's iterative refinement: at the first step at or past each fraction of the schedule (its steps 0,
+# 10 and 20 of 50), the update repeats until every subject's smoothed peak reaches the threshold, at most 20 times.
+REFINEMENT_THRESHOLDS = ((0.0, 0.05), (0.2, 0.5), (0.4, 0.8))
+MAX_REFINEMENTS = 20
 
 logger = logging.get_logger(__name__)
 
@@ -139,6 +145,7 @@ class GuidanceState:
     loss: str
     step_size: float
     guided_steps: float
+    refine: bool
     threshold: float
     sharpness: float
     tokens: list[str | int] | None
@@ -152,6 +159,8 @@ class GuidanceState:
     pending_update: tuple[Any, torch.Tensor] | None = None
     step_update: tuple[int, torch.Tensor] | None = None  # (step index, model-input update) for further calls
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss before the update), last call
+    # (step, repeats, loss where the last update was taken) at A&E's refinement steps, last call
+    refinements: list[tuple[int, int, float]] = field(default_factory=list)
     wrapped_schedulers: list[Any] = field(default_factory=list)
 
 
@@ -175,6 +184,7 @@ def encode_prompt_wrapper(pipe, state: GuidanceState, inputs: DenoiserInputs):
     def observe(out, arguments, original):
         state.previous_regions.clear()
         state.losses = []
+        state.refinements = []
         # A call interrupted between its guided forward and the scheduler step leaves an update behind; a new call
         # must not start from it.
         state.pending_update = None
@@ -357,51 +367,71 @@ class LatentGuidanceHook(ModelHook):
         return True
 
     def _update(self, forward, arguments: dict, rows: int, guidance_batch: bool, step) -> torch.Tensor:
-        """The latent step ``−α ∇L`` for the prompt rows (model-input space)."""
+        """The latent step ``−α ∇L`` for the prompt rows (model-input space); at A&E's refinement steps, repeated
+        until the loss meets the step's target (see `refinement_target`)."""
         state = self.state
         name = self.inputs.latent
         conditional = {key: _last_rows(value, rows) for key, value in arguments.items()} if guidance_batch else {}
         conditional = {**arguments, **conditional}
-        latent = conditional[name].detach()
-        # Joint attention (FLUX) renormalises its maps over the prompt's own tokens; a UNet's are probabilities.
-        spans = state.spans if self.inputs.joint else None
+        start = conditional[name].detach()
+        alpha = controls.step_size(state.step_size, step.progress)
+        target = refinement_target(step) if state.refine else None
         # Under torch.inference_mode (as accel compare and many apps call pipelines) no tensor can join autograd:
         # leave it for this pass, and take ordinary copies of the inputs.
         with torch.inference_mode(False), torch.enable_grad():
             conditional = {key: _ordinary(value) for key, value in conditional.items()}
-            latent = latent.clone().requires_grad_()
-            conditional[name] = latent
-            with state.store.record(text_spans=spans):
-                forward(**conditional)
-            maps = state.store.aggregate()
-            # Row by row: prompts of one batch may name different numbers of subjects (or none).
-            losses = [
-                self._loss(
-                    controls.concept_maps(maps[i : i + 1], state.positions[i], state.spans[i], state.sharpness), i
-                )
-                for i in range(rows)
-                if state.positions[i]
-            ]
-            loss = torch.cat(losses).sum()
-            # One subject and nothing retained yet (A-STAR's first step): the loss is a constant 0.
-            gradient = torch.autograd.grad(loss, latent)[0] if loss.requires_grad else torch.zeros_like(latent)
-        state.store.maps.clear()
-        state.losses.append((step.step_index, float(loss)))
-        alpha = controls.step_size(state.step_size, step.progress)
-        return -alpha * gradient.detach()
+            update = torch.zeros_like(_ordinary(start))
+            for repeat in range(MAX_REFINEMENTS + 1):
+                losses, gradient, regions = self._guided_loss(forward, conditional, _ordinary(start) + update, rows)
+                if repeat == 0:
+                    state.losses.append((step.step_index, sum(losses)))
+                update = update - alpha * gradient
+                # Every prompt row must meet the target, as each would in a run of its own.
+                if target is None or max(losses) <= target or repeat == MAX_REFINEMENTS:
+                    break
+        if target is not None:
+            state.refinements.append((step.step_index, repeat, max(losses)))
+        # This step's regions (from the point the update was taken at) are what the next step retains.
+        state.previous_regions.update(regions)
+        return update
 
-    def _loss(self, concepts: torch.Tensor, row: int) -> torch.Tensor:
+    def _guided_loss(self, forward, conditional: dict, latent: torch.Tensor, rows: int):
+        """The loss at ``latent`` of each prompt row with subjects, the gradient of their sum, and the retention
+        regions each row yields (A-STAR's). Runs with gradients enabled."""
+        state = self.state
+        latent = latent.detach().requires_grad_()
+        # Joint attention (FLUX) renormalises its maps over the prompt's own tokens; a UNet's are probabilities.
+        spans = state.spans if self.inputs.joint else None
+        with state.store.record(text_spans=spans):
+            forward(**{**conditional, self.inputs.latent: latent})
+        maps = state.store.aggregate()
+        state.store.maps.clear()
+        regions = {}
+        # Row by row: prompts of one batch may name different numbers of subjects (or none).
+        losses = []
+        for i in range(rows):
+            if state.positions[i]:
+                concepts = controls.concept_maps(maps[i : i + 1], state.positions[i], state.spans[i], state.sharpness)
+                row_loss, row_regions = self._loss(concepts, i)
+                losses.append(row_loss)
+                if row_regions is not None:
+                    regions[i] = row_regions
+        loss = torch.cat(losses).sum()
+        # One subject and nothing retained yet (A-STAR's first step): the loss is a constant 0.
+        gradient = torch.autograd.grad(loss, latent)[0] if loss.requires_grad else torch.zeros_like(latent)
+        return [float(row_loss.detach()) for row_loss in losses], gradient.detach(), regions
+
+    def _loss(self, concepts: torch.Tensor, row: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One prompt row's loss, and the regions A-STAR's retention keeps from it (``None`` for A&E)."""
         state = self.state
         if state.loss == "attend_excite":
-            return controls.attend_excite_loss(concepts)
+            return controls.attend_excite_loss(concepts), None
         maps = controls.segregation_maps(concepts)
         loss = controls.segregation_loss(maps)
         previous = state.previous_regions.get(row)
         if previous is not None and previous.shape == maps.shape:
             loss = loss + controls.retention_loss(maps, previous)
-        # This step's regions are what the next step retains.
-        state.previous_regions[row] = controls.binarise(maps, state.threshold)
-        return loss
+        return loss, controls.binarise(maps, state.threshold)
 
     def _input_scale(self, timestep, sample) -> float:
         """The scheduler's model-input scaling at ``timestep`` (1 for DDIM / PNDM and flow matching, which has no
@@ -454,6 +484,16 @@ class _GuidedStep:
         if self._own_step is not _NO_OWN_STEP or copied is None:
             return self._own_step if self._own_step is not _NO_OWN_STEP else self._original
         return type(copied).step.__get__(copied)
+
+
+def refinement_target(step) -> float | None:
+    """The A&E loss a refinement step repeats its update down to (``1 − threshold``), or ``None`` for an ordinary
+    step. Each refinement falls on the first step at or past its fraction of the schedule, so any step count (and an
+    img2img run that enters late, which skips the earlier ones) keeps A&E's timing."""
+    for fraction, threshold in REFINEMENT_THRESHOLDS:
+        if step.step_index == math.ceil(fraction * step.num_steps - 1e-9):
+            return 1.0 - threshold
+    return None
 
 
 def default_recorded_layers(sites: list) -> set[str]:

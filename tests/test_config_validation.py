@@ -116,6 +116,15 @@ def test_astar_threshold_is_refused_with_attend_excite(tiny_pipelines):
     assert AStarConfig(loss="astar", threshold=0.5).threshold == 0.5
 
 
+def test_astar_refinement_needs_attend_and_excites_loss(tiny_pipelines):
+    _refused_and_untouched(
+        tiny_pipelines["sd15-tiny"], "astar", {"refine": True}, "refine=True repeats updates until A&E's loss"
+    )
+    with pytest.raises(InvalidOptionError, match="refine='yes' must be True, False or None"):
+        AStarConfig(loss="attend_excite", refine="yes")
+    assert AStarConfig(loss="attend_excite", refine=False).refine is False
+
+
 @pytest.mark.parametrize(
     ("options", "words"),
     [

@@ -169,6 +169,44 @@ def test_guidance_moves_the_latents_every_guided_step(shapes_pipe, loss, monkeyp
     assert (generate_shapes(shapes_pipe, PROMPT) == reference).all()
 
 
+def test_refinement_falls_on_attend_and_excites_steps_at_any_step_count():
+    from accel.pipelines.controls import refinement_target
+    from accel.processors.state import StepState
+
+    def refined(steps: int) -> dict[int, float]:
+        targets = {i: refinement_target(StepState(0.0, i, steps, i / steps)) for i in range(steps)}
+        return {i: round(target, 6) for i, target in targets.items() if target is not None}
+
+    assert refined(50) == {0: 0.95, 10: 0.5, 20: 0.2}  # A&E's {0: 0.05, 10: 0.5, 20: 0.8} as loss targets
+    assert refined(25) == {0: 0.95, 5: 0.5, 10: 0.2}
+    assert refined(4) == {0: 0.95, 1: 0.5, 2: 0.2}
+
+
+def test_attend_and_excite_repeats_its_update_until_the_target_at_refinement_steps(shapes_pipe):
+    from accel.pipelines.controls import MAX_REFINEMENTS
+
+    options = {"loss": "attend_excite", "guided_steps": 0.5}
+    with accel.patched(shapes_pipe, "astar", **options):
+        refined = generate_shapes(shapes_pipe, PROMPT, steps=5)
+        state = _guidance_state(shapes_pipe)
+        first_losses = dict(state.losses)
+        assert [step for step, _, _ in state.refinements] == [0, 1, 2]  # 0, 0.2, 0.4 of 5 steps
+        targets = {0: 0.95, 1: 0.5, 2: 0.2}
+        for step, repeats, loss in state.refinements:
+            assert loss <= targets[step] + 1e-6 or repeats == MAX_REFINEMENTS
+            if repeats:
+                assert loss < first_losses[step]  # the repeats lowered the loss
+        assert sum(repeats for _, repeats, _ in state.refinements) > 0
+    with accel.patched(shapes_pipe, "astar", refine=False, **options):
+        once = generate_shapes(shapes_pipe, PROMPT, steps=5)
+        assert _guidance_state(shapes_pipe).refinements == []
+        assert [step for step, _ in _guidance_state(shapes_pipe).losses] == [0, 1, 2]
+    assert abs(refined - once).max() > 1e-3
+    with accel.patched(shapes_pipe, "astar", guided_steps=0.5):  # A-STAR's loss: one update a step
+        generate_shapes(shapes_pipe, PROMPT, steps=5)
+        assert _guidance_state(shapes_pipe).refinements == []
+
+
 def test_phrase_subjects_take_each_noun_phrases_content_words(shapes_pipe):
     from accel.pipelines.prompts import phrase_positions
 

@@ -433,8 +433,7 @@ def run_edit(pipe, image, source: str, target: str, config) -> EditResult:
         latent = image_latents(pipe, image).to(unet.device)
     layout = LatentLayout(grid=tuple(latent.shape[-2:]))
     controller = EditController(layout=layout, map_side=config.map_side)
-    # Self-attention is clustered at half the latent's resolution (DPL: 32 x 32 of SD's 64 x 64).
-    controller.self_grid = tuple(math.ceil(side / 2) for side in layout.grid)  # the UNet's second level
+    controller.self_grid = self_attention_grid(layout.grid)
     controller.self_replace_side = max(1, int(max(layout.grid) * config.self_replace_side))
     originals = unet.attn_processors
     # Sliced and xformers attention only save memory: the edit's processors stand in for them and give them back.
@@ -461,6 +460,22 @@ def run_edit(pipe, image, source: str, target: str, config) -> EditResult:
         for name, dtype in dtypes.items():
             if dtype != torch.float32:
                 getattr(pipe, name).to(dtype)
+
+
+# DPL clusters the self-attention of SD's 32 x 32 level (its 512² images).
+SELF_ATTENTION_SIDE = 32
+
+
+def self_attention_grid(latent_grid: tuple[int, ...]) -> tuple[int, ...]:
+    """The UNet level whose self-attention DPL clusters: half the latent (DPL's 32 x 32 of SD's 64 x 64), and at
+    larger images the first level down with sides of at most 32 (to the UNet's deepest, the third halving), since
+    the recorded N x N sum grows with the fourth power of the image side."""
+    grid = tuple(math.ceil(side / 2) for side in latent_grid)
+    for _ in range(2):
+        if max(grid) <= SELF_ATTENTION_SIDE:
+            break
+        grid = tuple(math.ceil(side / 2) for side in grid)
+    return grid
 
 
 def _edit(pipe, latent, source, target, config, controller, alignment, words: _Words, equalizer) -> EditResult:
@@ -497,6 +512,8 @@ def _edit(pipe, latent, source, target, config, controller, alignment, words: _W
     if dynamic:
         grid = controller.self_grid
         labels = editing.kmeans(controller.self_attention_mean(), config.dpl_clusters, seed=config.seed)
+        # Clustered once: the later passes need not record (an N x N sum per layer call).
+        controller.self_grid = controller.self_sum = None
         background = editing.background_from_clusters(labels, grid, word_map_sum / steps)
         map_grid = tuple(word_map_sum.shape[-2:])
         if map_grid != grid:

@@ -157,9 +157,12 @@ class EditAttnProcessor(DenseAttnProcessor):
             return super().attend(query, key, value, attention_mask, call)
         if controller.progress >= controller.self_replace or max(grid) > controller.self_replace_side:
             return super().attend(query, key, value, attention_mask, call)
-        probs = self._probabilities(query, key, attention_mask)
-        probs = torch.cat([probs[:3], probs[2:3]])
-        return self._apply(probs, value)
+        # The edited row attends as the source row does, to its own values: its query and keys become the
+        # source's. SDPA does this without the [rows, heads, N, N] probabilities (4 GB a layer at 1024²).
+        rows = torch.tensor([0, 1, 2, 2], device=query.device)
+        if attention_mask is not None and attention_mask.shape[0] == query.shape[0]:
+            attention_mask = attention_mask[rows]
+        return super().attend(query[rows], key[rows], value, attention_mask, call)
 
     def __repr__(self) -> str:
         return f"EditAttnProcessor(layer={self.layer!r})"

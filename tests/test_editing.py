@@ -208,6 +208,45 @@ def test_cross_attention_injection_keeps_the_sources_layout_outside_the_edit(sha
     assert outside[0.8] < 0.5 * outside[0.0]
 
 
+def test_self_attention_injection_gives_the_edit_row_the_source_rows_attention():
+    # Prompt-to-Prompt's self-attention injection: early on, the edit row attends with the source row's query and
+    # keys (its probabilities), applied to the edit's own values; late, or at a level too large, it keeps its own.
+    from accel.processors.dense import AttentionCall
+    from accel.processors.editing import EditAttnProcessor, EditController
+    from accel.processors.state import LatentLayout
+
+    controller = EditController(layout=LatentLayout(grid=(4, 4)), self_replace=0.5, self_replace_side=4)
+    processor = EditAttnProcessor(controller, layer="layer")
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(4, 16, 2, 8, generator=generator) for _ in range(3))
+    call = AttentionCall(layer="layer", kind="self", visual_tokens=16, text_tokens=0)
+    probs = torch.softmax(query.transpose(1, 2) @ key.transpose(1, 2).transpose(-1, -2) * 8**-0.5, dim=-1)
+    own = (probs @ value.transpose(1, 2)).transpose(1, 2)
+    injected = (probs[2] @ value[3].transpose(0, 1)).transpose(0, 1)
+    with torch.no_grad():
+        with controller.editing(progress=0.25):
+            early = processor.attend(query, key, value, None, call)
+        with controller.editing(progress=0.5):
+            late = processor.attend(query, key, value, None, call)
+        controller.self_replace_side = 3
+        with controller.editing(progress=0.25):
+            too_large = processor.attend(query, key, value, None, call)
+    assert torch.allclose(early[:3], own[:3], atol=1e-5)
+    assert torch.allclose(early[3], injected, atol=1e-5)
+    assert (early[3] - own[3]).abs().max() > 1e-2
+    assert torch.allclose(late, own, atol=1e-5) and torch.allclose(too_large, own, atol=1e-5)
+
+
+def test_dpl_clusters_half_the_latent_and_at_most_32_a_side():
+    from accel.pipelines.editing import self_attention_grid
+
+    assert self_attention_grid((64, 64)) == (32, 32)  # DPL's own: 512² images
+    assert self_attention_grid((16, 16)) == (8, 8)  # shapes-sd's 64 px
+    assert self_attention_grid((128, 96)) == (32, 24)  # 1024 x 768: a level further down
+    assert self_attention_grid((256, 256)) == (32, 32)
+    assert self_attention_grid((512, 512)) == (64, 64)  # no deeper than the UNet's third halving
+
+
 def test_dpl_learning_lowers_its_loss_and_finds_a_background(shapes_pipe, case, monkeypatch):
     scene, image = case
     # The nouns' mean maps of the inversion, as the background is computed from them.
@@ -219,6 +258,18 @@ def test_dpl_learning_lowers_its_loss_and_finds_a_background(shapes_pipe, case, 
         return find_background(labels, grid, word_maps_mean, *args, **kwargs)
 
     monkeypatch.setattr(editing, "background_from_clusters", recording)
+    # Self-attention is summed for k-means during the inversion only: (before, after) clustering.
+    from accel.processors.editing import EditAttnProcessor
+
+    self_records, own_self = [0, 0], EditAttnProcessor._self
+
+    def counted_self(processor, query, key, value, attention_mask, grid, call):
+        controller = processor.controller
+        if controller.mode == "record" and grid == controller.self_grid:
+            self_records[1 if noun_maps else 0] += 1
+        return own_self(processor, query, key, value, attention_mask, grid, call)
+
+    monkeypatch.setattr(EditAttnProcessor, "_self", counted_self)
     result = accel.edit(
         shapes_pipe,
         image,
@@ -231,6 +282,7 @@ def test_dpl_learning_lowers_its_loss_and_finds_a_background(shapes_pipe, case, 
         guidance_scale=6.0,
         dpl_lr=0.05,
     )
+    assert self_records[0] > 0 and self_records[1] == 0
     assert result.dynamic_words == [o.shape for o in scene.objects]
     first, last = np.array(result.losses["dpl_first"]), np.array(result.losses["dpl_last"])
     assert len(first) == 4 and last[0] < first[0] and (last <= first + 1e-6).all()

@@ -162,6 +162,11 @@ class _ExternalResiduals(_RAUNetHook):
             kwargs["down_block_additional_residuals"] = kwargs["mid_block_additional_residual"] = None
         return args, kwargs
 
+    def post_forward(self, module, output):
+        # Held past the call they would keep a ControlNet's full-size residuals alive (hundreds of MB at 2048²).
+        self.state.down_residuals = self.state.mid_residual = None
+        return output
+
 
 def _fitted(residual: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if residual.shape[-2:] == like.shape[-2:]:

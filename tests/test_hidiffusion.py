@@ -354,6 +354,8 @@ def test_controlnet_residuals_follow_raunet(sd, monkeypatch):
     monkeypatch.setattr(raunet_module, "_fitted", recording)
     with accel.patched(pipe, "hidiffusion"):  # 2x the tiny UNet's size: RAU-Net shrinks the deep skips
         shrunk = run()
+        state = pipe.unet._diffusers_hook.get_hook("accel_raunet").state
+        assert state.down_residuals is None and state.mid_residual is None  # not kept alive past the call
         shrunk_without_control = run(controlnet_conditioning_scale=0.0)
     assert np.isfinite(shrunk).all() and np.abs(shrunk - shrunk_without_control).max() > 1e-3
     # While RAU-Net has the features shrunk, the residuals are pooled to them, not dropped.

@@ -70,6 +70,7 @@ class _NeighborhoodAttend(JointVisualAttend):
             out, _ = block_sparse_attention(query, key, value, neighborhood, text_key, text_value, text_mask)
             return out
         if backend == "reference":
+            self._check_reference_size(query, key, text_key)
             return neighborhood_attention_reference(query, key, value, neighborhood, text_key, text_value, text_mask)
         return neighborhood_attention_tiled(query, key, value, neighborhood, text_key, text_value, text_mask)
 

@@ -19,6 +19,9 @@ from accel.processors.parallel import ulysses_attend, ulysses_group
 
 logger = logging.get_logger(__name__)
 
+# The largest explicit score matrix backend="reference" may build (see `_check_reference_size`).
+REFERENCE_BYTES_LIMIT = 4 * 2**30
+
 
 class JointVisualAttend:
     """Mixed in before a dense FLUX / HunyuanVideo processor; subclasses define the two hooks below."""
@@ -70,6 +73,19 @@ class JointVisualAttend:
 
     def _backend_for(self, device: torch.device, tracked: bool = False) -> str:
         return resolve_kernel_backend(self.method, self.backend, device, tracked, self.context)
+
+    def _check_reference_size(self, query, key, text_key) -> None:
+        """``backend="reference"`` writes out the fp32 scores and mask of every query-key pair (it is the oracle the
+        other paths are tested against): refused where they would not fit, rather than left to exhaust memory."""
+        batch, queries, heads, _ = query.shape
+        keys = key.shape[1] + (text_key.shape[1] if text_key is not None else 0)
+        needed = batch * heads * queries * keys * 5  # fp32 scores and a bool mask
+        if needed > REFERENCE_BYTES_LIMIT:
+            raise ValueError(
+                f"{self.method}: backend='reference' would write out {needed / 2**30:.1f} GiB of scores for "
+                f"{queries} queries x {keys} keys x {heads} heads (it is the explicit-mask oracle, for small sizes); "
+                "use backend='torch' (the same result, tiled) or 'auto'"
+            )
 
     def _dense_step(self) -> bool:
         """Whether this call falls in the first ``dense_steps`` steps (known only when a pipeline was patched)."""

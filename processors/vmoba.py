@@ -81,6 +81,8 @@ class _BlockAttend(JointVisualAttend):
 
             out, _ = block_select_attention(query, key, value, partition, selected, text_key, text_value, text_mask)
             return out
+        if backend == "reference":
+            self._check_reference_size(query, key, text_key)
         attend = block_attention_reference if backend == "reference" else block_attention_sparse
         return attend(query, key, value, partition, selected, text_key, text_value, text_mask)
 

@@ -67,6 +67,18 @@ def test_small_windows_change_the_result_and_the_torch_path_equals_the_reference
     assert np.abs(truth - dense).max() > 1e-3
 
 
+@pytest.mark.parametrize(("method", "options"), [("gna", SPARSE["flux-tiny"]), ("vmoba", {"blocks": [(4, 4)]})])
+def test_the_reference_backend_refuses_sizes_whose_scores_would_not_fit(tiny_pipelines, method, options, monkeypatch):
+    import accel.processors.joint as joint
+
+    pipe = tiny_pipelines["flux-tiny"]
+    # flux-tiny's 8 x 8 image tokens: 1 x heads x 64 x (64 + text) scores; a limit below that stands in for 2048².
+    monkeypatch.setattr(joint, "REFERENCE_BYTES_LIMIT", 64 * 64 * 5)
+    with accel.patched(pipe, method, backend="reference", **options):
+        with pytest.raises(ValueError, match=f"{method}: backend='reference' would write out .* use backend='torch'"):
+            generate(pipe, "flux-tiny", steps=1)
+
+
 def test_triton_kernel_in_the_flux_pipeline(tiny_pipelines):
     from accel.kernels.block_sparse import triton_usable
 

@@ -6,7 +6,8 @@ axis), addressed in place: the kernel computes each token's row-major offset fro
 (built on the host from the neighborhood, per-axis, so no ``[S, S]`` mask ever exists), applies the fine-grained
 window mask from token coordinates only in key tiles that are partly inside the windows, then attends the dense
 extra keys (text tokens, with an optional padding mask) in the same launch, and writes the output and the
-log-sum-exp. Softmax is online, in fp32, base 2.
+log-sum-exp. Softmax is online, in fp32, base 2. Each launch takes the largest tile (down from 128 positions) whose
+operands fit the device's shared memory (`launch_config`): fp32 and head dim 256 need smaller ones on most GPUs.
 
 Tests run it on CPU through Triton's interpreter (``TRITON_INTERPRET=1``) against
 ``accel.kernels.neighborhood.neighborhood_attention_reference``.
@@ -14,6 +15,7 @@ Tests run it on CPU through Triton's interpreter (``TRITON_INTERPRET=1``) agains
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -29,6 +31,15 @@ try:
 except ImportError:  # pragma: no cover - triton is a Linux dependency; elsewhere the torch paths serve
     triton = None
 
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# A head's whole feature row sits in every tile; the launches are checked (cross-compiled) up to 256.
+MAX_HEAD_DIM = 256
+# On GPUs tl.dot needs 16 along its inner axis, and GNA's key tiles are its query tiles (the interpreter accepts less,
+# so only a compiled kernel would fail).
+MIN_TILE_POSITIONS = 16
+# Keys per step of the select kernel and text keys per step of both, where the query tile is no shorter.
+KEY_BLOCK = 64
+
 
 def triton_usable(device: torch.device | str) -> bool:
     """Whether the kernel can run on ``device``: a CUDA device, or any device under Triton's interpreter."""
@@ -40,13 +51,175 @@ def triton_usable(device: torch.device | str) -> bool:
 
 
 def default_tile(grid: tuple[int, ...]) -> tuple[int, ...]:
-    """Power-of-two tile per axis, 128 tokens where the grid allows (NATTEN's H100 choices: (16, 8), (2, 8, 8))."""
+    """Power-of-two tile per axis, 128 tokens where the grid allows (NATTEN's H100 choices: (16, 8), (2, 8, 8)), and
+    never under ``MIN_TILE_POSITIONS`` (positions past the grid are masked)."""
     preferred = {1: (128,), 2: (16, 8), 3: (2, 8, 8)}[len(grid)]
-    return tuple(min(size, _next_power_of_two(side)) for size, side in zip(preferred, grid, strict=True))
+    tile = [min(size, _next_power_of_two(side)) for size, side in zip(preferred, grid, strict=True)]
+    while math.prod(tile) < MIN_TILE_POSITIONS:
+        # Grow along an axis the grid still extends past the tile, so fewer positions are padding.
+        longer = [axis for axis, (size, side) in enumerate(zip(tile, grid, strict=True)) if size < side]
+        tile[longer[-1] if longer else -1] *= 2
+    return tuple(tile)
 
 
 def _next_power_of_two(value: int) -> int:
     return 1 << max(0, (value - 1).bit_length())
+
+
+def _check_tile(tile: tuple[int, ...], grid: tuple[int, ...]) -> None:
+    if len(tile) != len(grid) or any(t < 1 or t & (t - 1) for t in tile):
+        raise ValueError(f"tile {tile} must give one power of two per grid axis {grid}")
+    if math.prod(tile) < MIN_TILE_POSITIONS:
+        raise ValueError(
+            f"tile {tile} holds {math.prod(tile)} positions; GPUs need {MIN_TILE_POSITIONS} or more (tl.dot's "
+            f"minimum), e.g. {default_tile(grid)}"
+        )
+
+
+def _halve(tile: tuple[int, ...]) -> tuple[int, ...]:
+    """The tile with its longest axis halved (the first of equals, so the contiguous last axis stays long)."""
+    axis = tile.index(max(tile))
+    return tile[:axis] + (tile[axis] // 2,) + tile[axis + 1 :]
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How a kernel is launched: its query tile, the keys it takes per step (the select kernel's block keys and both
+    kernels' text keys; GNA's key tiles are its query tiles), and Triton's options."""
+
+    tile: tuple[int, ...]
+    key_block: int
+    num_warps: int
+    num_stages: int
+
+
+def shared_memory_estimate(kernel: str, dtype: torch.dtype, block_d: int, query_positions: int, arch: int = 90) -> int:
+    """Bytes of shared memory one program of ``kernel`` ("gna" or "select") takes on an NVIDIA GPU of compute
+    capability ``arch`` (90 for 9.0): at least what Triton allocates, and within 1 KiB of it but for the select
+    kernel's 16-bit build on sm90 and sm100, which takes less (fitted to both kernels cross-compiled for sm80, sm86,
+    sm89, sm90, sm100 and sm120, at the dtypes, head dims and tiles `launch_config` can choose).
+
+    Operands pass through shared memory on their way to tl.dot: the query tile, the key and value tiles, and in fp32,
+    where IEEE dots run on CUDA cores, the probabilities as well. Text keys come in blocks no longer than the key
+    tiles, so the key loop bounds them.
+    """
+    keys = query_positions if kernel == "gna" else min(KEY_BLOCK, query_positions)
+    # Rows of D staged, as compiled: M + 2 N in general; the select kernel's 16-bit build holds a second query tile,
+    # GNA's on sm100 (tcgen05 MMA) a third key tile.
+    rows = query_positions + 2 * keys
+    if dtype.itemsize == 2 and kernel == "select":
+        rows += query_positions
+    elif dtype.itemsize == 2 and 100 <= arch < 120:
+        rows += keys
+    needed = rows * block_d * dtype.itemsize
+    if dtype == torch.float32:
+        needed += query_positions * keys * 4
+    return needed + 1024
+
+
+def launch_config(
+    kernel: str, dtype: torch.dtype, head_dim: int, tile: tuple[int, ...], shared_memory: int | None, arch: int = 90
+) -> LaunchConfig:
+    """The launch of ``kernel`` ("gna" or "select") for ``tile``: as given where ``shared_memory`` bytes (the limit of
+    the device, of compute capability ``arch``; ``None`` under the interpreter, which has none) hold it, else with the
+    tile halved until they do.
+
+    Flash-attention's usual choice, 128 positions and two pipeline stages, fits fp16 and bf16 up to head dim 128 on
+    every GPU since the A100; fp32 and head dim 256 need smaller tiles on most. Halving the tile is the one step down:
+    with one stage the fp16 builds take more shared memory, not less (cross-compiled).
+    """
+    block_d = _block_d(head_dim)
+    while True:
+        positions = math.prod(tile)
+        if shared_memory is None or shared_memory_estimate(kernel, dtype, block_d, positions, arch) <= shared_memory:
+            # Warps: flash-attention's usual choice for 128 x 128 tiles; not yet tuned on a GPU (none was lent so far).
+            warps = 8 if positions * block_d >= 128 * 128 else 4
+            return LaunchConfig(tile, min(KEY_BLOCK, positions), num_warps=warps, num_stages=2)
+        if positions <= MIN_TILE_POSITIONS:
+            raise ValueError(
+                f"the {kernel} kernel needs more than the device's {shared_memory} bytes of shared memory for {dtype} "
+                f"at head dim {head_dim}, at any tile; use the torch path (backend='torch')"
+            )
+        tile = _halve(tile)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, _next_power_of_two(head_dim))
+
+
+def _device_limits(device: torch.device) -> tuple[int | None, int]:
+    """``(shared_memory, arch)`` for `launch_config`: the bytes of shared memory one program may use on ``device`` and
+    its compute capability; no limit under the interpreter."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None, 90
+    return _cuda_limits(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _cuda_limits(index: int) -> tuple[int, int]:
+    major, minor = torch.cuda.get_device_capability(index)
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"], 10 * major + minor
+
+
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device, which need not be the tensors' (a model on ``cuda:1``)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _features_within_int32(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """``tensor``, or a contiguous copy where its features lie 2**31 elements apart or more: the kernels multiply the
+    feature index by its stride in int32, as 64-bit offset tiles would cost registers (cross-compiled, they spill).
+    Rows are addressed in int64."""
+    if tensor is None or tensor.stride(-1) * tensor.shape[-1] < 2**31:
+        return tensor
+    return tensor.contiguous()
+
+
+def _require_triton() -> None:
+    if triton is None:
+        raise RuntimeError("the block-sparse kernel needs triton (pip install triton); use the torch path instead")
+
+
+def _check_operands(query, key, value, extra_key, extra_value, extra_mask, **more) -> None:
+    """A ``ValueError`` naming the operand that does not match the query: the kernels take every shape from the query
+    and would read a mismatched operand out of bounds, or in the wrong dtype, without an error."""
+    if query.ndim != 4:
+        raise ValueError(f"query must be [B, S, H, D], got shape {tuple(query.shape)}")
+    batch, _, heads, dim = query.shape
+    if query.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"the kernel runs fp16, bf16 and fp32, the query is {query.dtype}; use the torch path")
+    if dim > MAX_HEAD_DIM:
+        raise ValueError(f"the kernel takes head dims up to {MAX_HEAD_DIM}, the query has {dim}; use the torch path")
+    if key.shape != query.shape or value.shape != query.shape:
+        raise ValueError(f"query, key and value must share one shape, got {query.shape}, {key.shape}, {value.shape}")
+    if (extra_key is None) != (extra_value is None):
+        raise ValueError("extra_key and extra_value come together: give both or neither")
+    if extra_mask is not None and extra_key is None:
+        raise ValueError("extra_mask masks extra keys, and no extra_key was given")
+    if extra_key is not None:
+        if extra_key.ndim != 4 or (extra_key.shape[0], *extra_key.shape[2:]) != (batch, heads, dim):
+            raise ValueError(
+                f"extra_key must be [B, T, H, D] = [{batch}, T, {heads}, {dim}] as the query, got "
+                f"{tuple(extra_key.shape)}"
+            )
+        if extra_value.shape != extra_key.shape:
+            raise ValueError(
+                f"extra_value must have extra_key's shape {tuple(extra_key.shape)}, got {tuple(extra_value.shape)}"
+            )
+        if extra_mask is not None and tuple(extra_mask.shape) != (batch, extra_key.shape[1]):
+            raise ValueError(
+                f"extra_mask must be [B, T] = [{batch}, {extra_key.shape[1]}], got {tuple(extra_mask.shape)} (expand a "
+                f"mask shared by the batch with .expand({batch}, -1))"
+            )
+        if extra_mask is not None and extra_mask.dtype != torch.bool:
+            raise ValueError(f"extra_mask must be booleans (False for padded keys), got {extra_mask.dtype}")
+    same_dtype = {"key": key, "value": value, "extra_key": extra_key, "extra_value": extra_value}
+    for name, tensor in same_dtype.items():
+        if tensor is not None and tensor.dtype != query.dtype:
+            raise ValueError(f"{name} is {tensor.dtype} and the query {query.dtype}; the kernel takes one dtype")
+    for name, tensor in {**same_dtype, "extra_mask": extra_mask, **more}.items():
+        if tensor is not None and tensor.device != query.device:
+            raise ValueError(f"{name} is on {tensor.device} and the query on {query.device}; move it there")
 
 
 @dataclass(frozen=True)
@@ -74,8 +247,7 @@ class BlockSparsePlan:
 
 @functools.lru_cache(maxsize=64)
 def block_sparse_plan(neighborhood: Neighborhood, tile: tuple[int, ...], device: torch.device) -> BlockSparsePlan:
-    if len(tile) != len(neighborhood.grid) or any(t & (t - 1) for t in tile):
-        raise ValueError(f"tile {tile} must give one power of two per grid axis {neighborhood.grid}")
+    _check_tile(tile, neighborhood.grid)
     pad = 3 - len(neighborhood.grid)
     grid = (1,) * pad + neighborhood.grid
     tile3 = (1,) * pad + tuple(tile)
@@ -139,51 +311,59 @@ def block_sparse_attention(
     """GNA on the Triton kernel.
 
     Args:
-        query, key, value: ``[B, S, H, D]`` (fp16, bf16 or fp32; any strides, e.g. slices of a joint sequence).
+        query, key, value: ``[B, S, H, D]`` (fp16, bf16 or fp32, ``D <= 256``; any strides, e.g. slices of a joint
+            sequence).
         neighborhood: the geometry; ``S`` must equal its token count.
         extra_key, extra_value: ``[B, T, H, D]`` keys every query attends (text tokens), or ``None``.
         extra_mask: ``[B, T]`` booleans, False for padded extra keys, or ``None``.
-        tile: power-of-two tile per axis (``default_tile`` by default).
+        tile: power-of-two tile per axis, at least 16 positions (``default_tile`` by default); halved where the
+            device's shared memory cannot hold it.
         scale: softmax scale, ``1 / sqrt(D)`` by default.
 
     Returns:
         ``(out [B, S, H, D], lse [B, H, S] fp32)``.
+
+    Raises:
+        ValueError: operands that do not match the query (shape, dtype, device), or a bad tile.
     """
-    if triton is None:
-        raise RuntimeError("the block-sparse kernel needs triton (pip install triton); use the torch path instead")
+    _require_triton()
+    _check_operands(query, key, value, extra_key, extra_value, extra_mask)
+    query, key, value, extra_key, extra_value = map(
+        _features_within_int32, (query, key, value, extra_key, extra_value)
+    )
     batch, tokens, heads, dim = query.shape
     if tokens != neighborhood.tokens:
         raise ValueError(f"the grid {neighborhood.grid} holds {neighborhood.tokens} tokens, the sequence has {tokens}")
-    if key.shape != query.shape or value.shape != query.shape:
-        raise ValueError(f"query, key and value must share one shape, got {query.shape}, {key.shape}, {value.shape}")
-    plan = block_sparse_plan(neighborhood, tuple(tile or default_tile(neighborhood.grid)), query.device)
+    tile = tuple(tile or default_tile(neighborhood.grid))
+    _check_tile(tile, neighborhood.grid)
+    config = launch_config("gna", query.dtype, dim, tile, *_device_limits(query.device))
+    plan = block_sparse_plan(neighborhood, config.tile, query.device)
     out = torch.empty_like(query)
     lse = torch.empty(batch, heads, tokens, dtype=torch.float32, device=query.device)
     text_key, text_value, text_mask, text_tokens = _text_arguments(query, value, extra_key, extra_value, extra_mask)
     has_text = extra_key is not None
-    block_d = max(16, _next_power_of_two(dim))
     query_tiles = plan.key_tiles.shape[0]
     scale = dim**-0.5 if scale is None else scale
-    _gna_forward[(query_tiles, batch * heads)](
-        query, key, value, out, lse,
-        text_key, text_value, text_mask,
-        plan.windows, plan.key_tiles, plan.key_tile_counts,
-        *query.stride(), *key.stride(), *value.stride(), *out.stride(),
-        *text_key.stride(), *text_value.stride(), text_mask.stride(0),
-        heads, tokens, text_tokens, plan.key_tiles.shape[1], plan.windows.shape[-1], scale * 1.4426950408889634,
-        *plan.grid, *plan.dilation, dim,
-        T0=plan.tile[0], T1=plan.tile[1], T2=plan.tile[2],
-        BLOCK_D=block_d,
-        BLOCK_TEXT=64,
-        HAS_TEXT=has_text,
-        HAS_TEXT_MASK=has_text and extra_mask is not None,
-        IEEE=query.dtype == torch.float32,
-        # Triton's interpreter multiplies bf16 tiles as raw 16-bit integers; there, and only there, dots run in fp32.
-        UPCAST=query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        # Flash-attention's usual choice for 128 x 128 tiles; not yet tuned on a GPU (none was lent so far).
-        num_warps=8 if math.prod(plan.tile) * block_d >= 128 * 128 else 4,
-        num_stages=2,
-    )  # fmt: skip
+    with _on_device(query.device):
+        _gna_forward[(query_tiles, batch * heads)](
+            query, key, value, out, lse,
+            text_key, text_value, text_mask,
+            plan.windows, plan.key_tiles, plan.key_tile_counts,
+            *query.stride(), *key.stride(), *value.stride(), *out.stride(),
+            *text_key.stride(), *text_value.stride(), text_mask.stride(0),
+            heads, tokens, text_tokens, plan.key_tiles.shape[1], plan.windows.shape[-1], scale * 1.4426950408889634,
+            *plan.grid, *plan.dilation, dim,
+            T0=plan.tile[0], T1=plan.tile[1], T2=plan.tile[2],
+            BLOCK_D=_block_d(dim),
+            BLOCK_TEXT=config.key_block,
+            HAS_TEXT=has_text,
+            HAS_TEXT_MASK=has_text and extra_mask is not None,
+            IEEE=query.dtype == torch.float32,
+            # Triton's interpreter multiplies bf16 tiles as raw 16-bit integers; there, and only there, dots run in fp32.
+            UPCAST=query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )  # fmt: skip
     return out, lse
 
 
@@ -228,7 +408,8 @@ def block_select_attention(
         partition: an ``accel.kernels.vmoba.BlockPartition``.
         selected: ``[B, H, S, C]`` booleans from ``select_blocks`` (per query, per block).
         extra_key, extra_value, extra_mask: as in `block_sparse_attention`.
-        tile: power-of-two query tile per axis (``default_tile`` by default).
+        tile: power-of-two query tile per axis, at least 16 positions (``default_tile`` by default); halved where the
+            device's shared memory cannot hold it.
 
     Returns:
         ``(out [B, S, H, D], lse [B, H, S] fp32)``.
@@ -236,8 +417,11 @@ def block_select_attention(
     A query tile visits the union of its queries' blocks (per head, a variable number); rows that did not keep a
     block are masked there, so the result is exactly the per-query selection.
     """
-    if triton is None:
-        raise RuntimeError("the block-sparse kernel needs triton (pip install triton); use the torch path instead")
+    _require_triton()
+    _check_operands(query, key, value, extra_key, extra_value, extra_mask, selected=selected)
+    query, key, value, extra_key, extra_value = map(
+        _features_within_int32, (query, key, value, extra_key, extra_value)
+    )
     batch, tokens, heads, dim = query.shape
     if tokens != partition.tokens:
         raise ValueError(f"the grid {partition.grid} holds {partition.tokens} tokens, the sequence has {tokens}")
@@ -247,6 +431,9 @@ def block_select_attention(
             f"selected must be [B, H, S, C] = {(batch, heads, tokens, blocks)}, got {tuple(selected.shape)}"
         )
     tile = tuple(tile or default_tile(partition.grid))
+    _check_tile(tile, tuple(partition.grid))
+    config = launch_config("select", query.dtype, dim, tile, *_device_limits(query.device))
+    tile = config.tile
     pad = 3 - len(partition.grid)
     grid3, tile3 = (1,) * pad + tuple(partition.grid), (1,) * pad + tile
     query_tiles = math.prod(math.ceil(side / size) for side, size in zip(grid3, tile3, strict=True))
@@ -264,27 +451,27 @@ def block_select_attention(
     lse = torch.empty(batch, heads, tokens, dtype=torch.float32, device=query.device)
     text_key, text_value, text_mask, text_tokens = _text_arguments(query, value, extra_key, extra_value, extra_mask)
     block_tokens = partition.block_tokens.to(device=query.device, dtype=torch.int32).contiguous()
-    block_d = max(16, _next_power_of_two(dim))
     scale = dim**-0.5 if scale is None else scale
-    _block_select_forward[(query_tiles, batch * heads)](
-        query, key, value, out, lse,
-        text_key, text_value, text_mask,
-        block_tokens, kept.contiguous(), key_blocks.contiguous(), counts.contiguous(),
-        *query.stride(), *key.stride(), *value.stride(), *out.stride(),
-        *text_key.stride(), *text_value.stride(), text_mask.stride(0),
-        heads, tokens, text_tokens, blocks, block_tokens.shape[1], widest, scale * 1.4426950408889634,
-        *grid3, dim,
-        T0=tile3[0], T1=tile3[1], T2=tile3[2],
-        BLOCK_N=64,
-        BLOCK_D=block_d,
-        BLOCK_TEXT=64,
-        HAS_TEXT=extra_key is not None,
-        HAS_TEXT_MASK=extra_key is not None and extra_mask is not None,
-        IEEE=query.dtype == torch.float32,
-        UPCAST=query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=8 if math.prod(tile3) * block_d >= 128 * 128 else 4,
-        num_stages=2,
-    )  # fmt: skip
+    with _on_device(query.device):
+        _block_select_forward[(query_tiles, batch * heads)](
+            query, key, value, out, lse,
+            text_key, text_value, text_mask,
+            block_tokens, kept.contiguous(), key_blocks.contiguous(), counts.contiguous(),
+            *query.stride(), *key.stride(), *value.stride(), *out.stride(),
+            *text_key.stride(), *text_value.stride(), text_mask.stride(0),
+            heads, tokens, text_tokens, blocks, block_tokens.shape[1], widest, scale * 1.4426950408889634,
+            *grid3, dim,
+            T0=tile3[0], T1=tile3[1], T2=tile3[2],
+            BLOCK_N=config.key_block,
+            BLOCK_D=_block_d(dim),
+            BLOCK_TEXT=config.key_block,
+            HAS_TEXT=extra_key is not None,
+            HAS_TEXT_MASK=extra_key is not None and extra_mask is not None,
+            IEEE=query.dtype == torch.float32,
+            UPCAST=query.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )  # fmt: skip
     return out, lse
 
 
@@ -301,6 +488,12 @@ if triton is not None:
         return c0, c1, c2
 
     @triton.jit
+    def _rows(Base, b, h, token, stride_b, stride_h, stride_s):
+        """Pointers to the ``[B, S, H, D]`` rows of ``token`` in (b, h), in int64: a tensor, or the joint sequence it is
+        sliced from, may hold more than 2**31 elements (``b`` and ``h`` are int64 already)."""
+        return Base + b * stride_b + h * stride_h + token.to(tl.int64) * stride_s
+
+    @triton.jit
     def _load_query_tile(
         Q, query_tile, b, h, sqb, sqs, sqh, sqd, G0, G1, G2, head_dim,
         T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
@@ -312,7 +505,7 @@ if triton is not None:
         d = tl.arange(0, BLOCK_D)
         d_valid = d < head_dim
         q = tl.load(
-            Q + b * sqb + h * sqh + q_token[:, None] * sqs + d[None, :] * sqd,
+            _rows(Q, b, h, q_token, sqb, sqh, sqs)[:, None] + d[None, :] * sqd,
             mask=q_valid[:, None] & d_valid[None, :],
             other=0.0,
         )
@@ -327,12 +520,12 @@ if triton is not None:
     ):  # fmt: skip
         """Scores of the tile's queries against the keys at ``k_token`` (row indices, any order), and their values."""
         k = tl.load(
-            K + b * skb + h * skh + k_token[None, :] * sks + d[:, None] * skd,
+            _rows(K, b, h, k_token, skb, skh, sks)[None, :] + d[:, None] * skd,
             mask=k_valid[None, :] & d_valid[:, None],
             other=0.0,
         )
         v = tl.load(
-            V + b * svb + h * svh + k_token[:, None] * svs + d[None, :] * svd,
+            _rows(V, b, h, k_token, svb, svh, svs)[:, None] + d[None, :] * svd,
             mask=k_valid[:, None] & d_valid[None, :],
             other=0.0,
         )
@@ -374,7 +567,8 @@ if triton is not None:
         HAS_TEXT: tl.constexpr, HAS_TEXT_MASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
         query_tile = tl.program_id(0)
-        batch_head = tl.program_id(1)
+        # int64, so that every offset derived from it (b * stride, the selection's and the LSE's rows) is.
+        batch_head = tl.program_id(1).to(tl.int64)
         b = batch_head // heads
         h = batch_head % heads
 
@@ -450,7 +644,7 @@ if triton is not None:
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
         tl.store(
-            Out + b * sob + h * soh + q_token[:, None] * sos + d[None, :] * sod,
+            _rows(Out, b, h, q_token, sob, soh, sos)[:, None] + d[None, :] * sod,
             out.to(Out.dtype.element_ty),
             mask=q_valid[:, None] & d_valid[None, :],
         )
@@ -474,7 +668,8 @@ if triton is not None:
         """VMoBA: a query tile walks the key blocks any of its queries kept (this head's list); each query attends
         only the blocks it kept itself (its row of the selection), then the text keys."""
         query_tile = tl.program_id(0)
-        batch_head = tl.program_id(1)
+        # int64, so that every offset derived from it (b * stride, the selection's and the LSE's rows) is.
+        batch_head = tl.program_id(1).to(tl.int64)
         b = batch_head // heads
         h = batch_head % heads
         query_tiles = tl.num_programs(0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -103,6 +105,135 @@ def test_bad_tile_is_refused():
     hood = Neighborhood.create((8, 8), 3)
     with pytest.raises(ValueError, match="power of two"):
         block_sparse.block_sparse_plan(hood, (3, 4), torch.device("cpu"))
+    # tl.dot on a GPU needs 16 keys; the interpreter would accept fewer, so only a GPU would fail.
+    with pytest.raises(ValueError, match="16 or more"):
+        block_sparse.block_sparse_plan(hood, (2, 4), torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "grid, tile",
+    [((3, 2), (4, 4)), ((1, 40), (1, 16)), ((6,), (16,)), ((2, 2, 2), (2, 2, 4)), ((5, 1), (8, 2))]
+    + [((64, 64), (16, 8)), ((9, 32, 32), (2, 8, 8)), ((1000,), (128,))],  # large grids keep NATTEN's tiles
+)
+def test_default_tiles_hold_at_least_16_positions(grid, tile):
+    assert block_sparse.default_tile(grid) == tile
+
+
+def test_small_grid_on_its_default_tile_matches_the_reference():
+    # 6 tokens in a 4x4 tile: 10 positions masked as past the grid.
+    hood = Neighborhood.create((3, 2), (3, 1))
+    q, k, v, _, _ = _inputs(hood.tokens, 2, 16, torch.float32)
+    out, _ = block_sparse.block_sparse_attention(q, k, v, hood)
+    expected = neighborhood_attention_reference(q, k, v, hood)
+    torch.testing.assert_close(out, expected, atol=TOLERANCE[torch.float32], rtol=TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("spread", ["batches", "features"])
+def test_kernel_addresses_tensors_past_2_31_elements(spread):
+    """A query whose last batch, or last feature, lies past 2**31 elements, while each stride fits in int32 (so
+    Triton passes them as int32): offsets multiplied in int32 would wrap (a crash, or a read elsewhere)."""
+    hood = Neighborhood.create((5, 6), (3, 3))
+    q, k, v, _, _ = _inputs(hood.tokens, 1, 16, torch.float16, batch=3)
+    if spread == "batches":
+        strides = (2**30 + 2**20, 16, 16, 1)
+    else:
+        strides = (hood.tokens, 1, 1, 2**27 + 2**24)
+    span = sum((size - 1) * stride for size, stride in zip(q.shape, strides, strict=True)) + 1
+    assert span > 2**31 and max(strides) < 2**31
+    try:
+        # Over 4 GiB of address space; on CPU only the pages written and read are ever backed by memory.
+        storage = torch.empty(span, dtype=torch.float16, device=DEVICE)
+    except RuntimeError:
+        pytest.skip("cannot reserve the address space of a tensor spanning 2**31 elements")
+    wide_q = storage.as_strided(q.shape, strides)
+    wide_q.copy_(q)
+    out, _ = block_sparse.block_sparse_attention(wide_q, k, v, hood)
+    expected = neighborhood_attention_reference(q, k, v, hood)
+    tolerance = TOLERANCE[torch.float16]
+    torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+# Text operands of a call on 2 x 15 queries (2 heads, head dim 16) with 4 text tokens, each gone wrong in one way.
+TEXT_MISTAKES = {
+    "mask shared by the batch": (lambda k, v, mask: (k, v, mask[:1]), r"extra_mask must be \[B, T\] = \[2, 4\]"),
+    "fewer values than keys": (lambda k, v, mask: (k, v[:, :2], None), "extra_value must have extra_key's shape"),
+    "one head for two": (lambda k, v, mask: (k[:, :, :1], v[:, :, :1], None), r"extra_key must be \[B, T, H, D\]"),
+    "another head dim": (lambda k, v, mask: (k[..., :8], v[..., :8], None), r"extra_key must be \[B, T, H, D\]"),
+    "another dtype": (lambda k, v, mask: (k.half(), v.half(), None), "extra_key is torch.float16"),
+    "another device": (lambda k, v, mask: (k.to("meta"), v.to("meta"), None), "extra_key is on meta"),
+    "values without keys": (lambda k, v, mask: (None, v, None), "give both or neither"),
+    "mask without keys": (lambda k, v, mask: (None, None, mask), "no extra_key"),
+    "mask of integers": (lambda k, v, mask: (k, v, mask.int()), "booleans"),
+}
+
+
+@pytest.mark.parametrize("mistake", list(TEXT_MISTAKES))
+def test_mismatched_text_operands_are_refused(mistake):
+    wrong, message = TEXT_MISTAKES[mistake]
+    q, k, v, text_k, text_v = _inputs(15, 2, 16, torch.float32, text=4)
+    mask = torch.ones(2, 4, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        block_sparse.block_sparse_attention(q, k, v, Neighborhood.create((3, 5), (3, 3)), *wrong(text_k, text_v, mask))
+
+
+def test_mismatched_keys_are_refused():
+    hood = Neighborhood.create((3, 5), (3, 3))
+    q, k, v, _, _ = _inputs(hood.tokens, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="key is torch.float16"):
+        block_sparse.block_sparse_attention(q, k.half(), v, hood)
+    with pytest.raises(ValueError, match="value is on meta"):
+        block_sparse.block_sparse_attention(q, k, v.to("meta"), hood)
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        block_sparse.block_sparse_attention(*(torch.zeros(1, hood.tokens, 1, 320, device=DEVICE),) * 3, hood)
+
+
+# Opt-in shared memory per block (CUDA's cudaDevAttrMaxSharedMemoryPerBlockOptin) by compute capability: A100,
+# RTX 30xx / A10 / A40, RTX 40xx / L4 / L40, H100, B200, RTX 50xx.
+SHARED_MEMORY = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("kernel", ["gna", "select"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_launch_fits_the_shared_memory_of_every_gpu(kernel, dtype):
+    for tile in [(128,), (16, 8), (2, 8, 8)]:
+        for head_dim in (24, 64, 100, 128, 160, 256):
+            fast = dtype != torch.float32 and head_dim <= 128
+            for arch, limit in SHARED_MEMORY.items():
+                config = block_sparse.launch_config(kernel, dtype, head_dim, tile, limit, arch)
+                block_d = max(16, 1 << (head_dim - 1).bit_length())
+                positions = math.prod(config.tile)
+                assert block_sparse.shared_memory_estimate(kernel, dtype, block_d, positions, arch) <= limit
+                assert positions >= 16 and config.key_block == min(64, positions)
+                if fast:  # flash-attention's tile and stages, unchanged
+                    assert (config.tile, config.num_stages) == (tile, 2)
+    # No limit (Triton's interpreter): the tile as given.
+    assert block_sparse.launch_config(kernel, dtype, 256, (16, 8), None).tile == (16, 8)
+
+
+# Shared memory of the kernels as Triton 3.9 compiles them for NVIDIA GPUs (cross-compiled, which needs no GPU), at
+# launches chosen close to a limit: the estimate must cover each, and closely enough to keep the fast tile.
+COMPILED = [
+    # kernel, dtype, BLOCK_D, tile positions, compute capability, bytes
+    ("gna", torch.float16, 128, 128, 86, 98308),  # 101376 available: fp16 keeps the 128-position tile
+    ("select", torch.bfloat16, 128, 128, 89, 98560),
+    ("gna", torch.float32, 64, 128, 80, 164352),  # 166912 available
+    ("select", torch.float32, 128, 128, 80, 164608),
+    ("gna", torch.bfloat16, 256, 128, 90, 196612),  # 232448 available
+    ("gna", torch.float32, 128, 64, 90, 114944),
+    ("gna", torch.float16, 256, 64, 86, 98308),
+    ("select", torch.float32, 256, 32, 80, 102656),
+    ("select", torch.float16, 256, 32, 89, 65664),
+    ("gna", torch.float32, 256, 16, 86, 50240),
+    ("gna", torch.float16, 128, 128, 100, 131108),  # sm100 stages one more key tile
+    ("gna", torch.float16, 128, 128, 120, 98308),
+]
+
+
+@pytest.mark.parametrize("kernel, dtype, block_d, positions, arch, compiled", COMPILED)
+def test_shared_memory_estimate_covers_the_compiled_kernels(kernel, dtype, block_d, positions, arch, compiled):
+    estimate = block_sparse.shared_memory_estimate(kernel, dtype, block_d, positions, arch)
+    assert compiled <= estimate <= compiled + 1024
 
 
 VMOBA_CASES = [
@@ -157,6 +288,38 @@ def test_vmoba_kernel_rejects_a_mismatched_selection():
     q, k, v, _, _ = _inputs(partition.tokens, 2, 16, torch.float32)
     with pytest.raises(ValueError, match=r"selected must be \[B, H, S, C\]"):
         block_sparse.block_select_attention(q, k, v, partition, torch.ones(2, 2, 32, 3, dtype=torch.bool))
+
+
+def test_vmoba_kernel_refuses_a_bad_tile_and_mismatched_text():
+    from accel.kernels.vmoba import block_partition
+
+    partition = block_partition((4, 8), (2, 4))
+    q, k, v, text_k, text_v = _inputs(partition.tokens, 2, 16, torch.float32, text=3)
+    selected = torch.ones(2, 2, partition.tokens, partition.num_blocks, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="power of two"):
+        block_sparse.block_select_attention(q, k, v, partition, selected, tile=(3, 4))
+    with pytest.raises(ValueError, match="extra_value must have extra_key's shape"):
+        block_sparse.block_select_attention(q, k, v, partition, selected, text_k, text_v[:, :1])
+    with pytest.raises(ValueError, match="selected is on meta"):
+        block_sparse.block_select_attention(q, k, v, partition, selected.to("meta"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_launch_on_the_tensors_device_not_the_current_one():
+    from accel.kernels.vmoba import block_attention_reference, block_partition, select_blocks
+
+    hood = Neighborhood.create((6, 7), (3, 5))
+    q, k, v, text_k, text_v = (t.to("cuda:1") for t in _inputs(hood.tokens, 2, 64, torch.float16, text=5))
+    partition = block_partition((6, 7), (3, 4))
+    selected = select_blocks(q, k, partition, 0.5)
+    with torch.cuda.device(0):
+        out, _ = block_sparse.block_sparse_attention(q, k, v, hood, text_k, text_v)
+        select_out, _ = block_sparse.block_select_attention(q, k, v, partition, selected)
+    tolerance = TOLERANCE[torch.float16]
+    expected = neighborhood_attention_reference(q, k, v, hood, text_k, text_v)
+    torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
+    expected = block_attention_reference(q.float(), k.float(), v.float(), partition, selected)
+    torch.testing.assert_close(select_out.float(), expected, atol=tolerance, rtol=tolerance)
 
 
 def test_calls_that_record_gradients_leave_the_triton_kernels_for_the_torch_path(monkeypatch, caplog):

@@ -23,6 +23,7 @@ Three implementations share one geometry (``Neighborhood``):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from accel.kernels.reference import attention_with_lse, gradients_tracked
 
@@ -311,9 +313,14 @@ def dilation_groups(neighborhood: Neighborhood):
         yield slices, sub_grid
 
 
-# Per-thread buffers the CPU path reuses between calls (see ``_scratch``), and the most it keeps.
-_SCRATCH = threading.local()
+# The buffer per device the CPU path reuses between calls (see ``_scratch``), and the most it keeps.
+_SCRATCH: dict[torch.device, torch.Tensor] = {}
+_SCRATCH_LOCK = threading.Lock()
 _SCRATCH_KEPT_BYTES = 64 * 2**20
+
+# fp32 score-sized tensors autograd keeps for a tile row (its scores, their masked copy and the probabilities): the
+# backward pass's chunks count them against ``max_chunk_bytes``.
+_SCORE_COPIES_KEPT = 3
 
 
 def neighborhood_attention_tiled(
@@ -330,7 +337,9 @@ def neighborhood_attention_tiled(
     """GNA as batched SDPA over query tiles: the CPU path (exact up to SDPA's own rounding).
 
     Arguments as in ``neighborhood_attention_reference``; ``tile`` overrides ``default_tile``. Keys and values are copied
-    into strips chunk by chunk, so the copies stay under ``max_chunk_bytes`` (one strip at least).
+    into strips chunk by chunk, so the copies stay under ``max_chunk_bytes`` (one strip at least). Under autograd the
+    copies and scores of one tile row of a chunk are what the backward pass holds at a time (one tile row of one strip
+    at least).
     """
     _check_tokens(query, neighborhood)
     batch, tokens, heads, dim = query.shape
@@ -360,7 +369,48 @@ def neighborhood_attention_tiled(
 
 
 def _tiled_one_grid(query, key, value, neighborhood, extra_key, extra_value, extra_mask, tile, max_chunk_bytes):
-    """Tiled GNA on one grid: queries attend their tile's box, the text keys through a log-sum-exp merge.
+    """Tiled GNA on one grid (see ``_tiles``); under autograd through ``_TileRowsRecomputed``."""
+    if gradients_tracked(query, key, value, extra_key, extra_value):
+        geometry = (neighborhood, extra_mask, tile, max_chunk_bytes)
+        return _TileRowsRecomputed.apply(query, key, value, extra_key, extra_value, geometry)
+    return _tiles(query, key, value, neighborhood, extra_key, extra_value, extra_mask, tile, max_chunk_bytes)
+
+
+class _TileRowsRecomputed(torch.autograd.Function):
+    """Tiled GNA under autograd (latent guidance composed with GNA): the forward pass of inference, and a backward
+    pass that computes each tile row again, differentiates it and adds its gradients into the inputs' slice by slice.
+
+    Recorded as it ran, the forward pass kept every row's copies and fp32 scores for the backward pass (1.3 GB for one
+    FLUX layer at 1024^2, where dense attention keeps 0.16 GB); the graph now keeps the inputs. Recomputing rows under
+    ``torch.utils.checkpoint`` bounded that too, but each row's input gradients then came back input-sized, zeros
+    but for the row's slice, and adding them up took a fifth of the backward pass at 128x128 tokens, a share that
+    grows with the number of rows. This forward pass is also inference's own: no fp32 scores, and the same output.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, extra_key, extra_value, geometry):
+        ctx.save_for_backward(query, key, value, extra_key, extra_value)
+        ctx.geometry = geometry
+        neighborhood, extra_mask, tile, max_chunk_bytes = geometry
+        return _tiles(query, key, value, neighborhood, extra_key, extra_value, extra_mask, tile, max_chunk_bytes)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        query, key, value, extra_key, extra_value = ctx.saved_tensors
+        neighborhood, extra_mask, tile, max_chunk_bytes = ctx.geometry
+        grads = _tiles(
+            query, key, value, neighborhood, extra_key, extra_value, extra_mask, tile, max_chunk_bytes, grad_out
+        )
+        return (
+            *(grad if needed else None for grad, needed in zip(grads, ctx.needs_input_grad[:5], strict=True)),
+            None,
+        )
+
+
+def _tiles(query, key, value, neighborhood, extra_key, extra_value, extra_mask, tile, max_chunk_bytes, grad_out=None):
+    """Tiled GNA on one grid: queries attend their tile's box, the text keys through a log-sum-exp merge. Given
+    ``grad_out``, the gradients of the five inputs instead (``None`` for absent text).
 
     SDPA wants each batch entry's keys as one strided run, and a box is not one in the row-major grid. So keys and
     values are copied into strips, one per tile position on the non-lead axes: the box's extent on those axes, over the
@@ -369,6 +419,9 @@ def _tiled_one_grid(query, key, value, neighborhood, extra_key, extra_value, ext
     ratio of the non-lead axes only, so the lead axis is the one with the largest ratio (gathering every tile's box
     grew them by all ratios, and an index gather ran 5-8x slower than these slice copies). Strips go through buffers
     reused chunk by chunk, which keeps memory under ``max_chunk_bytes`` and clear of fresh-page faults.
+
+    The backward pass copies one tile row of a chunk at a time (the part of the strips it reads), so that its copies
+    and the scores autograd keeps for it stay under ``max_chunk_bytes`` (one row of one strip at least).
     """
     batch, tokens, heads, dim = query.shape
     value_dim = value.shape[-1]
@@ -377,6 +430,7 @@ def _tiled_one_grid(query, key, value, neighborhood, extra_key, extra_value, ext
     plan = tile_plan(grid, neighborhood.kernel_size, neighborhood.stride, neighborhood.is_causal, tile, query.device)
     lead, others, strips = plan.lead, plan.others, plan.strips
     lead_side, lead_tile, lead_box = grid[lead], plan.tile[lead], plan.box[lead]
+    box_starts = plan.box_starts[lead]
     tile_others = [plan.tile[axis] for axis in others]
     box_others = [plan.box[axis] for axis in others]
     tile_area, box_area = math.prod(tile_others), math.prod(box_others)
@@ -388,94 +442,160 @@ def _tiled_one_grid(query, key, value, neighborhood, extra_key, extra_value, ext
         return tensor.reshape(batch, *grid, heads, tensor.shape[-1]).permute(order)
 
     query_grid, key_grid, value_grid = lead_first(query), lead_first(key), lead_first(value)
-    out = query.new_empty(batch, tokens, heads, value_dim)
-    out_grid = lead_first(out)
-
-    bytes_per_strip = batch * lead_side * heads * query.element_size()
-    bytes_per_strip *= tile_area * dim + box_area * (dim + value_dim)
-    chunk = min(len(strips), max(1, max_chunk_bytes // max(bytes_per_strip, 1)))
-
-    # Buffers run strip-major, batch-minor: a chunk's strips are one [strips * B, ...] batch for SDPA. Query positions
-    # past the grid's end (a partial tile) hold stale copies: their rows are computed and dropped, and no other
-    # row reads them.
-    query_shape = (chunk, batch, lead_side, *tile_others, heads, dim)
-    key_shape = (chunk, batch, lead_side, *box_others, heads, dim)
-    value_shape = (chunk, batch, lead_side, *box_others, heads, value_dim)
-    sizes = [math.prod(shape) for shape in (query_shape, key_shape, value_shape)]
-    # Under autograd (latent guidance composed with GNA) a chunk's copies are saved for the backward pass, so each
-    # chunk gets buffers of its own, zeroed: a partial tile's unused query rows must not carry NaNs into key gradients.
-    tracked = gradients_tracked(query, key, value, extra_key, extra_value)
-
-    def buffers():
-        if tracked:
-            flat = torch.zeros(sum(sizes), dtype=query.dtype, device=query.device)
-        else:
-            flat = _scratch(sum(sizes), query.dtype, query.device)
-        # Slices rather than ``split``: autograd refuses in-place copies into views from a multi-view op.
-        starts = (0, sizes[0], sizes[0] + sizes[1])
-        shapes = (query_shape, key_shape, value_shape)
-        return (flat[a : a + n].view(shape) for a, n, shape in zip(starts, sizes, shapes, strict=True))
-
-    query_buffer, key_buffer, value_buffer = buffers()
     everything = (slice(None), slice(None))
 
-    for first in range(0, len(strips), chunk):
-        if tracked and first:
-            query_buffer, key_buffer, value_buffer = buffers()
-        chunk_strips = strips[first : first + chunk]
-        count = len(chunk_strips)
+    def lead_extents(first_row, end_row):
+        """The lead-axis positions of tile rows ``first_row`` up to ``end_row``: their queries and their boxes' keys."""
+        # Boxes only move forward with the rows, so the last row's box ends the span.
+        return (
+            slice(first_row * lead_tile, min(end_row * lead_tile, lead_side)),
+            slice(box_starts[first_row], box_starts[end_row - 1] + lead_box),
+        )
+
+    def buffers(flat, count, first_row, end_row):
+        """Query, key and value buffers of ``count`` strips over rows ``first_row`` up to ``end_row``, in ``flat``.
+
+        Strip-major, batch-minor: a chunk's strips are one [strips * B, ...] batch for SDPA.
+        """
+        queries, keys = lead_extents(first_row, end_row)
+        query_extent, key_extent = queries.stop - queries.start, keys.stop - keys.start
+        shapes = (
+            (count, batch, query_extent, *tile_others, heads, dim),
+            (count, batch, key_extent, *box_others, heads, dim),
+            (count, batch, key_extent, *box_others, heads, value_dim),
+        )
+        if flat is None:
+            return sum(math.prod(shape) for shape in shapes)
+        views, offset = [], 0
+        # Slices rather than ``split``: autograd refuses in-place copies into views from a multi-view op.
+        for shape in shapes:
+            views.append(flat[offset : offset + math.prod(shape)].view(shape))
+            offset += math.prod(shape)
+        return views
+
+    def copy_into(views, chunk_strips, first_row, end_row):
+        # Query positions past the grid's end (a partial tile) keep what the buffer held: their rows are computed and
+        # dropped, and no other row reads them.
+        query_buffer, key_buffer, value_buffer = views
+        query_span, key_span = lead_extents(first_row, end_row)
         for slot, (_, queries, filled, boxes) in enumerate(chunk_strips):
-            query_buffer[(slot, *everything, *filled)].copy_(query_grid[everything + queries])
-            key_buffer[slot].copy_(key_grid[everything + boxes])
-            value_buffer[slot].copy_(value_grid[everything + boxes])
-        keys = key_buffer[:count].view(count * batch, lead_side * box_area, heads, dim)
-        values = value_buffer[:count].view(count * batch, lead_side * box_area, heads, value_dim)
+            query_buffer[(slot, *everything, *filled)].copy_(query_grid[(slice(None), query_span, *queries)])
+            key_buffer[slot].copy_(key_grid[(slice(None), key_span, *boxes)])
+            value_buffer[slot].copy_(value_grid[(slice(None), key_span, *boxes)])
+
+    def attend_rows(views, chunk_strips, first_row, end_row, text_key, text_value):
+        """``(rows, [strips, B, rows, *tile_others, H, Dv])`` of each tile row ``first_row`` up to ``end_row`` of the
+        chunk's strips, from their copies in ``views``."""
+        count = len(chunk_strips)
+        query_buffer, key_buffer, value_buffer = views
+        query_span, key_span = lead_extents(first_row, end_row)
+        keys = key_buffer.view(count * batch, -1, heads, dim)
+        values = value_buffer.view(count * batch, -1, heads, value_dim)
         text = None
-        if extra_key is not None:
+        if text_key is not None:
             text = _text_attention(
-                query_buffer[:count].view(count * batch, lead_side * tile_area, heads, dim),
-                extra_key,
-                extra_value,
-                extra_mask,
-                count,
+                query_buffer.view(count * batch, -1, heads, dim), text_key, text_value, extra_mask, count
             )
         strip_mask = _strip_mask(plan, others, [strip[0] for strip in chunk_strips])
-        for row, box_start in enumerate(plan.box_starts[lead]):
+        for row in range(first_row, end_row):
             rows = slice(row * lead_tile, min((row + 1) * lead_tile, lead_side))
             height = rows.stop - rows.start
-            q = query_buffer[:count, :, rows].reshape(count * batch, height * tile_area, heads, dim)
+            local = slice(rows.start - query_span.start, rows.stop - query_span.start)
+            q = query_buffer[:, :, local].reshape(count * batch, height * tile_area, heads, dim)
+            box_start = box_starts[row] - key_span.start
             span = slice(box_start * box_area, (box_start + lead_box) * box_area)
             mask = _tile_mask(plan, lead, row, height, strip_mask, count, batch)
             row_text = None
             if text is not None:
-                tokens_in_rows = slice(rows.start * tile_area, rows.stop * tile_area)
+                tokens_in_rows = slice(local.start * tile_area, local.stop * tile_area)
                 row_text = (text[0][:, :, tokens_in_rows], text[1][:, :, tokens_in_rows])
             result = _attend_with_text(q, keys[:, span], values[:, span], mask, row_text)
-            result = result.transpose(1, 2).reshape(count, batch, height, *tile_others, heads, -1)
-            for slot, (_, queries, filled, _) in enumerate(chunk_strips):
-                out_grid[(slice(None), rows, *queries)].copy_(result[(slot, *everything, *filled)])
+            yield rows, result.transpose(1, 2).reshape(count, batch, height, *tile_others, heads, -1)
+
+    if grad_out is not None:
+        # One tile row of a chunk at a time: its copies are the leaves of a graph of its own, and their gradients are
+        # added into the inputs' slice by slice.
+        text_tokens = 0 if extra_key is None else extra_key.shape[1]
+        row_queries = lead_tile * tile_area
+        bytes_per_strip = batch * heads * query.element_size()
+        bytes_per_strip *= row_queries * dim + lead_box * box_area * (dim + value_dim)
+        bytes_per_strip += batch * heads * row_queries * (lead_box * box_area + text_tokens) * 4 * _SCORE_COPIES_KEPT
+        chunk = min(len(strips), max(1, max_chunk_bytes // bytes_per_strip))
+        grads = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (query, key, value)]
+        grad_grids = [lead_first(grad) for grad in grads]
+        grad_out_grid = lead_first(grad_out)
+        text = [] if extra_key is None else [x.detach().requires_grad_() for x in (extra_key, extra_value)]
+        text_grads = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in text]
+        for first in range(0, len(strips), chunk):
+            chunk_strips = strips[first : first + chunk]
+            count = len(chunk_strips)
+            for row in range(len(box_starts)):
+                rows = (row, row + 1)
+                # Zeroed: a partial tile's unused query rows get zero gradients, and 0 x stale NaN would reach the keys'.
+                flat = torch.zeros(buffers(None, count, *rows), dtype=query.dtype, device=query.device)
+                copy_into(buffers(flat, count, *rows), chunk_strips, *rows)
+                flat.requires_grad_()
+                with torch.enable_grad():
+                    ((queries_in_row, result),) = attend_rows(
+                        buffers(flat, count, *rows), chunk_strips, *rows, *(text or (None, None))
+                    )
+                grad_result = torch.zeros_like(result)
+                for slot, (_, queries, filled, _) in enumerate(chunk_strips):
+                    grad_result[(slot, *everything, *filled)] = grad_out_grid[(slice(None), queries_in_row, *queries)]
+                flat_grad, *found = torch.autograd.grad(result, [flat, *text], grad_result)
+                query_span, key_span = lead_extents(*rows)
+                query_grad, key_grad, value_grad = buffers(flat_grad, count, *rows)
+                for slot, (_, queries, filled, boxes) in enumerate(chunk_strips):
+                    grad_grids[0][(slice(None), query_span, *queries)] += query_grad[(slot, *everything, *filled)]
+                    grad_grids[1][(slice(None), key_span, *boxes)] += key_grad[slot]
+                    grad_grids[2][(slice(None), key_span, *boxes)] += value_grad[slot]
+                for total, part in zip(text_grads, found, strict=True):
+                    total += part
+        grads += text_grads or [None, None]
+        inputs = (query, key, value, extra_key, extra_value)
+        return [None if grad is None else grad.to(x.dtype) for grad, x in zip(grads, inputs, strict=True)]
+
+    out = query.new_empty(batch, tokens, heads, value_dim)
+    out_grid = lead_first(out)
+    bytes_per_strip = batch * lead_side * heads * query.element_size()
+    bytes_per_strip *= tile_area * dim + box_area * (dim + value_dim)
+    chunk = min(len(strips), max(1, max_chunk_bytes // max(bytes_per_strip, 1)))
+    every_row = (0, len(box_starts))
+    with _scratch(buffers(None, chunk, *every_row) * query.element_size(), query.device) as memory:
+        flat = memory.view(query.dtype)
+        for first in range(0, len(strips), chunk):
+            chunk_strips = strips[first : first + chunk]
+            views = buffers(flat, len(chunk_strips), *every_row)
+            copy_into(views, chunk_strips, *every_row)
+            for rows, result in attend_rows(views, chunk_strips, *every_row, extra_key, extra_value):
+                for slot, (_, queries, filled, _) in enumerate(chunk_strips):
+                    out_grid[(slice(None), rows, *queries)].copy_(result[(slot, *everything, *filled)])
     return out
 
 
-def _scratch(elements: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A flat buffer of ``elements``; up to ``_SCRATCH_KEPT_BYTES`` it is kept per thread, dtype and device for the next
-    call.
+@contextlib.contextmanager
+def _scratch(nbytes: int, device: torch.device):
+    """``nbytes`` of memory for one call's copies: the device's kept buffer when no other call holds it and the size
+    is within ``_SCRATCH_KEPT_BYTES``, else a fresh one.
 
     Fresh buffers of tens of MB come from the OS page by page, and those page faults cost 5-10 % of a block-sparse call
     on the 2-core CPU. The buffer holds only copies that each call overwrites before reading, so nothing carries from
-    one call to the next but memory. Larger buffers (real model widths, where a strip alone outgrows the budget) are
-    not kept: their faults are a smaller share of their calls.
+    one call to the next but memory. One buffer per device, shared by dtypes and threads: kept per thread and dtype,
+    a server's 8 workers held 0.9 GB more, for good. Calls that overlap it pay the page faults instead. Larger buffers
+    (real model widths, where a strip alone outgrows the budget) are not kept: their faults are a smaller share of
+    their calls.
     """
-    if elements * dtype.itemsize > _SCRATCH_KEPT_BYTES:
-        return torch.empty(elements, dtype=dtype, device=device)
-    buffers = getattr(_SCRATCH, "buffers", None)
-    if buffers is None:
-        buffers = _SCRATCH.buffers = {}
-    key = (dtype, device)
-    buffer = buffers.get(key)
-    if buffer is None or buffer.numel() < elements:
-        buffer = buffers[key] = torch.empty(elements, dtype=dtype, device=device)
-    return buffer[:elements]
+    if nbytes > _SCRATCH_KEPT_BYTES or not _SCRATCH_LOCK.acquire(blocking=False):
+        yield torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return
+    try:
+        buffer = _SCRATCH.get(device)
+        if buffer is None or buffer.numel() < nbytes:
+            _SCRATCH.pop(device, None)
+            buffer = _SCRATCH[device] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        yield buffer[:nbytes]
+    finally:
+        _SCRATCH_LOCK.release()
 
 
 def _strip_mask(plan: TilePlan, others: list[int], indices: list[tuple[int, ...]]) -> torch.Tensor | None:

@@ -57,12 +57,17 @@ def attention_with_lse(query, key, value, mask=None, key_padding=None):
 
     Tensors are ``[N, H, S, D]``. ``mask`` is additive (``-inf`` = not attended), broadcastable to the scores, and
     must leave every row a key. ``key_padding`` is ``[N, Sk]`` booleans (False = padding) and may leave a sample
-    none: its rows come back as output 0 and lse ``-inf``, so they weigh nothing in a merge (the fused CPU kernel
-    alone would return lse 0). A fused kernel on CPU; written out elsewhere and wherever gradients are tracked.
+    none: its rows come back as output 0 and lse ``-inf``, so they weigh nothing in a merge, with finite gradients.
+    A fused kernel on CPU; written out elsewhere and wherever gradients are tracked, where it keeps fp32 scores for
+    the backward pass: callers under autograd bound how many (GNA recomputes one tile row at a time).
     """
     if key_padding is not None:
+        # A sample without keys attends its padding here and is zeroed below: masking all of its keys made its rows'
+        # log-sum-exp -inf and, under autograd, every gradient that reached them NaN.
+        attended = key_padding.to(torch.bool)
+        attended = attended | ~attended.any(dim=-1, keepdim=True)
         mask = torch.zeros(key_padding.shape[0], 1, 1, key_padding.shape[1], dtype=query.dtype, device=query.device)
-        mask.masked_fill_(~key_padding.to(torch.bool)[:, None, None, :], float("-inf"))
+        mask.masked_fill_(~attended[:, None, None, :], float("-inf"))
     # The fused kernel's autograd treats its lse as a constant, and merges differentiate through it: under autograd
     # (latent guidance composed with a sparse method) the written-out form runs instead.
     if query.device.type == "cpu" and not gradients_tracked(query, key, value):

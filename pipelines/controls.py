@@ -380,9 +380,10 @@ class LatentGuidanceHook(ModelHook):
         # leave it for this pass, and take ordinary copies of the inputs.
         with torch.inference_mode(False), torch.enable_grad():
             conditional = {key: _ordinary(value) for key, value in conditional.items()}
-            update = torch.zeros_like(_ordinary(start))
+            start = _ordinary(start)
+            update = torch.zeros_like(start)
             for repeat in range(MAX_REFINEMENTS + 1):
-                losses, gradient, regions = self._guided_loss(forward, conditional, _ordinary(start) + update, rows)
+                losses, gradient, regions = self._guided_loss(forward, conditional, start + update, rows)
                 if repeat == 0:
                     state.losses.append((step.step_index, sum(losses)))
                 update = update - alpha * gradient

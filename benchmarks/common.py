@@ -151,3 +151,53 @@ def run_suite(args, suites: dict, prefix: str, plot: Callable[[dict, Path], None
     result.update(threads=args.threads, versions=environment(), repeats=args.repeats, argv=sys.argv[1:])
     save_results(result, args.out or f"benchmarks/results/{prefix}-{args.suite}", plot, "speedup.png")
     return 0
+
+
+class PeakMemory:
+    """Peak bytes of the tensors that torch ops allocate inside the ``with`` block (inputs excluded).
+
+    A dispatch mode sees every op's outputs; a storage counts from its first appearance until it is freed. Buffers
+    that a fused kernel keeps internally are not seen, but anything Python-level code materialises is.
+    """
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker._record(out)
+                return out
+
+        self._mode = _Mode()
+        self._live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+    def _record(self, out) -> None:
+        import weakref
+
+        from torch.utils._pytree import tree_leaves
+
+        for leaf in tree_leaves(out):
+            if not isinstance(leaf, torch.Tensor):
+                continue
+            storage = leaf.untyped_storage()
+            key = storage.data_ptr()
+            if key and key not in self._live:
+                self._live[key] = storage.nbytes()
+                self.current += storage.nbytes()
+                self.peak = max(self.peak, self.current)
+                weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.current -= self._live.pop(key, 0)

@@ -44,7 +44,12 @@ from accel.pipelines.prompts import (
     prompt_words,
     word_positions,
 )
-from accel.processors.controls import CrossAttentionStore
+from accel.processors.controls import (
+    CrossAttentionStore,
+    RecordingComplete,
+    RecordingPlan,
+    RecordingPlanMismatch,
+)
 from accel.processors.state import PatchContext
 
 GUIDANCE_HOOK_NAME = "accel_latent_guidance"
@@ -162,6 +167,9 @@ class GuidanceState:
     # (step, repeats, loss where the last update was taken) at A&E's refinement steps, last call
     refinements: list[tuple[int, int, float]] = field(default_factory=list)
     wrapped_schedulers: list[Any] = field(default_factory=list)
+    # (latent shape, plan) from the latest whole recording pass; later passes stop where the plan's maps end
+    recording_plan: tuple[tuple[int, ...], RecordingPlan | None] | None = None
+    stop_passes_early: bool = True
 
 
 @dataclass(frozen=True)
@@ -401,12 +409,7 @@ class LatentGuidanceHook(ModelHook):
         regions each row yields (A-STAR's). Runs with gradients enabled."""
         state = self.state
         latent = latent.detach().requires_grad_()
-        # Joint attention (FLUX) renormalises its maps over the prompt's own tokens; a UNet's are probabilities.
-        spans = state.spans if self.inputs.joint else None
-        with state.store.record(text_spans=spans):
-            forward(**{**conditional, self.inputs.latent: latent})
-        maps = state.store.aggregate()
-        state.store.maps.clear()
+        maps = self._recorded_maps(forward, {**conditional, self.inputs.latent: latent})
         regions = {}
         # Row by row: prompts of one batch may name different numbers of subjects (or none).
         losses = []
@@ -421,6 +424,35 @@ class LatentGuidanceHook(ModelHook):
         # One subject and nothing retained yet (A-STAR's first step): the loss is a constant 0.
         gradient = torch.autograd.grad(loss, latent)[0] if loss.requires_grad else torch.zeros_like(latent)
         return [float(row_loss.detach()) for row_loss in losses], gradient.detach(), regions
+
+    def _recorded_maps(self, forward, arguments: dict) -> torch.Tensor:
+        """The aggregated maps of one forward with gradients. The first pass at a latent shape runs whole and leaves
+        a plan; later passes at that shape (this call's and later calls') follow it: the levels the loss does not
+        read run SDPA, and the pass ends after the last layer it reads (SD 1.5 at 512²: up_blocks.1, so half the
+        forward and its activations are skipped). A pass that strays from the plan runs again whole and replaces it.
+        """
+        state, store = self.state, self.state.store
+        # Joint attention (FLUX) renormalises its maps over the prompt's own tokens; a UNet's are probabilities.
+        spans = state.spans if self.inputs.joint else None
+        shape = tuple(arguments[self.inputs.latent].shape)
+        planned = state.recording_plan
+        plan = planned[1] if planned is not None and planned[0] == shape and state.stop_passes_early else None
+        if plan is not None:
+            with store.record(text_spans=spans, plan=plan):
+                try:
+                    forward(**arguments)
+                except RecordingComplete:
+                    maps = store.aggregate(plan.grid)
+                    store.maps.clear()
+                    return maps
+                except RecordingPlanMismatch:
+                    pass
+        with store.record(text_spans=spans):
+            forward(**arguments)
+        maps = store.aggregate()
+        state.recording_plan = (shape, store.whole_pass_plan())
+        store.maps.clear()
+        return maps
 
     def _loss(self, concepts: torch.Tensor, row: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One prompt row's loss, and the regions A-STAR's retention keeps from it (``None`` for A&E)."""

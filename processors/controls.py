@@ -1,10 +1,16 @@
 """Cross-attention maps for the controls: stored only while a control records, differentiable where they are kept.
 
-A `CrossAttentionStore` is shared by the recording processors of one patch. Outside a recording pass every layer
-runs exact attention through SDPA; inside one, the UNet's cross-attention layers at the store's token grid compute
-their probabilities explicitly (so gradients reach the latent) and keep the head average, and FLUX's recorded joint
-layers add the image-query x text-key map renormalised over the prompt's tokens beside the ordinary joint output.
+A `CrossAttentionStore` is shared by the recording processors of one patch. Every layer's output is always its
+ordinary attention (SDPA); inside a recording pass, the UNet's recorded cross-attention layers also compute their
+probabilities explicitly beside it (so gradients reach the latent through the maps) and keep the head average, and
+FLUX's recorded joint layers add the image-query x text-key map renormalised over the prompt's tokens.
 Maps are keyed by layer name (never by call counts).
+
+A pass can also follow a `RecordingPlan` taken from an earlier whole pass at the same latent shape: layers away from
+the level the loss reads then run SDPA, and the last layer at that level ends the forward (`RecordingComplete`), since
+nothing after it feeds the loss. The plan holds only while the pass meets the same layers at the same grids in the
+same order; a pass that strays from it (HiDiffusion's RAU-Net switching the deep levels' resolution) stops with
+`RecordingPlanMismatch`, to be run again whole.
 """
 
 from __future__ import annotations
@@ -29,6 +35,24 @@ def nearest_level(grids, side: int) -> tuple[int, ...]:
     return min((tuple(g) for g in grids), key=lambda g: (abs(max(g) - side), -max(g)))
 
 
+class RecordingComplete(Exception):
+    """Raised by a planned pass's last recorded layer: the rest of the forward cannot change the maps."""
+
+
+class RecordingPlanMismatch(Exception):
+    """Raised when a planned pass meets a layer or grid its plan does not list at that point."""
+
+
+@dataclass(frozen=True)
+class RecordingPlan:
+    """What a whole recording pass met: every recording layer in call order with its token grid, the level the loss
+    reads (``grid``) and the position in ``order`` of its last layer."""
+
+    order: tuple[tuple[str, tuple[int, ...]], ...]
+    grid: tuple[int, ...]
+    last: int
+
+
 @dataclass
 class CrossAttentionStore:
     """Head-averaged cross-attention probabilities of the last recording pass.
@@ -40,6 +64,8 @@ class CrossAttentionStore:
         maps: layer name -> ``(grid, [B, h * w, T])``.
         text_spans: while recording, per batch row the ``(first, end)`` span of the prompt's own tokens, over which
             joint-attention maps are renormalised (``None``: over every text token).
+        plan: while recording, the `RecordingPlan` the pass follows (``None``: a whole pass).
+        met: the ``(layer, grid)`` of every recording layer the pass has met so far.
     """
 
     grid: tuple[int, int] | None = None
@@ -47,17 +73,49 @@ class CrossAttentionStore:
     recording: bool = False
     maps: dict[str, tuple[tuple[int, ...], torch.Tensor]] = field(default_factory=dict)
     text_spans: list[tuple[int, int]] | None = None
+    plan: RecordingPlan | None = None
+    met: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
 
     @contextlib.contextmanager
-    def record(self, text_spans: list[tuple[int, int]] | None = None):
+    def record(self, text_spans: list[tuple[int, int]] | None = None, plan: RecordingPlan | None = None):
         self.maps.clear()
+        self.met.clear()
         self.recording = True
         self.text_spans = text_spans
+        self.plan = plan
         try:
             yield self
         finally:
             self.recording = False
             self.text_spans = None
+            self.plan = None
+
+    def meet(self, layer: str, grid: tuple[int, ...]) -> bool:
+        """Note that ``layer`` runs at ``grid`` in this pass; whether it records its map."""
+        position = len(self.met)
+        self.met.append((layer, grid))
+        if self.plan is None:
+            return self.grid is None or grid == tuple(self.grid)
+        if position >= len(self.plan.order) or self.plan.order[position] != (layer, grid):
+            raise RecordingPlanMismatch(
+                f"{layer} at {grid} is not what the recording plan lists at position {position}"
+            )
+        return grid == self.plan.grid
+
+    def recorded(self) -> None:
+        """Called after a layer stored its map: ends a planned pass at its last layer."""
+        if self.plan is not None and len(self.met) - 1 == self.plan.last:
+            raise RecordingComplete
+
+    def whole_pass_plan(self) -> RecordingPlan | None:
+        """The plan of the pass just recorded whole (``None`` if it recorded nothing)."""
+        grids = {g for g, _ in self.maps.values()}
+        if not grids:
+            return None
+        grid = nearest_level(grids, self.map_side)
+        order = tuple(self.met)
+        last = max(i for i, (layer, g) in enumerate(order) if g == grid and layer in self.maps)
+        return RecordingPlan(order, grid, last)
 
     def text_keep(self, batch: int, tokens: int, device: torch.device) -> torch.Tensor | None:
         """``[B, T]`` booleans: the text tokens inside each row's span, or ``None`` without spans."""
@@ -97,15 +155,19 @@ class StoreAttnProcessor(DenseAttnProcessor):
         if call.kind != "cross" or not self.store.recording:
             return super().attend(query, key, value, attention_mask, call)
         grid = tuple(self.context.layout.level_grid(call.visual_tokens))
-        if self.store.grid is not None and grid != tuple(self.store.grid):
-            return super().attend(query, key, value, attention_mask, call)
-        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, S, D]
+        records = self.store.meet(self.layer, grid)
+        # The output stays the layer's own attention, so a recording pass computes what the denoiser call computes
+        # and a pass that stops early (`RecordingPlan`) matches a whole one bit for bit up to where it stops.
+        out = super().attend(query, key, value, attention_mask, call)
+        if not records:
+            return out
+        q, k = (t.transpose(1, 2) for t in (query, key))  # [B, H, S, D]
         scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
         if attention_mask is not None:
             scores = scores + attention_mask.float()
-        probs = scores.softmax(dim=-1)
-        self.store.maps[self.layer] = (grid, probs.mean(dim=1))
-        return (probs.to(v.dtype) @ v).transpose(1, 2)
+        self.store.maps[self.layer] = (grid, scores.softmax(dim=-1).mean(dim=1))
+        self.store.recorded()
+        return out
 
     def __repr__(self) -> str:
         return f"StoreAttnProcessor(layer={self.layer!r}, grid={self.store.grid})"
@@ -139,6 +201,8 @@ class FluxStoreAttnProcessor(DenseFluxAttnProcessor):
                 f"{self.layer} received {call.visual_tokens} image tokens but the recorded token grid is {grid}; the "
                 "attention controls need a plain text-to-image FLUX call (img_ids of the image tokens only)"
             )
+        if not self.store.meet(self.layer, tuple(grid)):
+            return out
         text = slice(0, call.text_tokens) if call.text_first else slice(call.visual_tokens, None)
         visual = slice(call.text_tokens, None) if call.text_first else slice(0, call.visual_tokens)
         batch = query.shape[0]
@@ -155,6 +219,7 @@ class FluxStoreAttnProcessor(DenseFluxAttnProcessor):
         maps = text_token_maps(query[:, visual], key[:, text][:, :used], keep)
         maps = F.pad(maps, (0, call.text_tokens - maps.shape[-1]))
         self.store.maps[self.layer] = (tuple(grid), maps)
+        self.store.recorded()
         return out
 
     def __repr__(self) -> str:

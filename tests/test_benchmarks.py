@@ -80,6 +80,18 @@ def test_editing_quick(tmp_path):
     assert (tmp_path / "grid.png").stat().st_size > 0 and (tmp_path / "editing.png").stat().st_size > 0
 
 
+def test_controls_cost_quick(tmp_path):
+    result = _run("controls_cost.py", "--quick", out=tmp_path)
+    (row,) = result["rows"]
+    assert row["model"] == "sd15-tiny" and row["size"] == 256
+    # Stopping early changes no number of the update and keeps less of the graph (16 x 16 of the 32 x 32 latent is
+    # read, so the top up block never runs).
+    assert row["latent_max_abs_difference"] == 0
+    peaks = row["peak_bytes_one_step"]
+    assert peaks["astar, stopping early"] < peaks["astar, whole passes"]
+    assert (tmp_path / "controls-cost.png").stat().st_size > 0
+
+
 @pytest.fixture
 def benchmark_modules(monkeypatch):
     """The benchmarks' own modules importable as the scripts import them (from their folder)."""

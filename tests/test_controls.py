@@ -84,7 +84,7 @@ def test_recorded_maps_and_exact_outputs(recording_unet):
         assert store.maps == {}
         with store.record():
             recorded = unet(latent, timestep, embedding).sample
-    torch.testing.assert_close(recorded, plain, atol=1e-5, rtol=1e-5)
+    assert torch.equal(recorded, plain)  # the recorded layers keep their own attention as output
     # Every cross-attention layer is recorded; the 16 x 16 level (down_blocks.0 and up_blocks.3) is aggregated.
     assert all(name.endswith("attn2") for name in store.maps)
     assert sorted(name for name, (grid, _) in store.maps.items() if grid == (16, 16)) == [
@@ -342,6 +342,70 @@ def test_composes_with_hidiffusion(shapes_pipe):
         guided = generate()
         assert len(_guidance_state(shapes_pipe).losses) == 4
     assert abs(guided - reference).max() > 1e-3
+
+
+def _guided_runs(pipe, block: torch.nn.Module, methods, generate):
+    """For whole guided passes and for passes stopped early: the output, the losses, and how often ``block`` ran."""
+    runs = {}
+    calls = []
+    handle = block.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        for early in (False, True):
+            with accel.patched(pipe, methods):
+                state = _guidance_state(pipe)
+                state.stop_passes_early = early
+                calls.clear()
+                output = generate()
+                runs[early] = (output, [loss for _, loss in state.losses], len(calls))
+    finally:
+        handle.remove()
+    return runs
+
+
+@pytest.mark.parametrize("loss", ["astar", "attend_excite"])
+def test_guided_passes_stop_after_the_last_layer_the_loss_reads(shapes_pipe, loss):
+    # map_side=8 reads down_blocks.1 and up_blocks.2 of the 16 x 16 latent: a pass that follows the call's plan
+    # never reaches up_blocks.3.
+    runs = _guided_runs(
+        shapes_pipe, shapes_pipe.unet.up_blocks[3], accel.AStarConfig(loss=loss, map_side=8),
+        lambda: generate_shapes(shapes_pipe, PROMPT),
+    )  # fmt: skip
+    (whole, whole_losses, whole_calls), (early, early_losses, early_calls) = runs[False], runs[True]
+    assert early_calls == 4 + 1  # the 4 denoiser calls and the first guided pass, which plans
+    # Whole, one guided pass a step (A&E repeats its update at its refinement steps).
+    assert whole_calls == 4 + 4 if loss == "astar" else whole_calls > 4 + 4
+    # Up to where it stops, a planned pass runs the same operations as a whole one.
+    assert (early == whole).all() and early_losses == whole_losses
+
+
+def test_a_plan_serves_later_calls_at_its_latent_shape(shapes_pipe):
+    calls = []
+    handle = shapes_pipe.unet.up_blocks[3].register_forward_pre_hook(lambda *_: calls.append(1))
+    counts = []
+    try:
+        with accel.patched(shapes_pipe, "astar", map_side=8):
+            for size in (64, 64, 96, 64):
+                calls.clear()
+                generate_shapes(shapes_pipe, PROMPT, size=size)
+                counts.append(len(calls))
+    finally:
+        handle.remove()
+    # 4 denoiser calls each, and a whole guided pass wherever the latent's shape is not the last plan's.
+    assert counts == [5, 4, 5, 5]
+
+
+def test_a_pass_that_strays_from_its_plan_runs_again_whole(shapes_pipe):
+    # At 128 px RAU-Net's first stage runs for steps 0 and 1 of 4 and changes the deep levels' resolution; step 2's
+    # planned pass meets a level its plan (from step 0) does not list, stops there and runs again whole.
+    def generate():
+        return generate_shapes(shapes_pipe, PROMPT, size=128)
+
+    runs = _guided_runs(
+        shapes_pipe, shapes_pipe.unet.up_blocks[3], [accel.HiDiffusionConfig(), accel.AStarConfig()], generate
+    )
+    (whole, whole_losses, whole_calls), (early, early_losses, early_calls) = runs[False], runs[True]
+    assert whole_calls == 4 + 4 and early_calls == 4 + 2
+    assert (early == whole).all() and early_losses == whole_losses
 
 
 def test_a_users_own_scheduler_step_comes_back(shapes_pipe):

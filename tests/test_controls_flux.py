@@ -182,6 +182,26 @@ def test_guidance_moves_the_latents_and_unpatch_restores_everything(flux, loss):
     assert np.array_equal(generate(flux), reference)
 
 
+def test_guided_passes_stop_after_the_last_recorded_block(flux):
+    # The default recorded blocks are single_transformer_blocks 0 and 1 of 4: a planned pass stops inside block 1.
+    counted = flux.transformer.single_transformer_blocks[-1]
+    calls = []
+    handle = counted.register_forward_pre_hook(lambda *_: calls.append(1))
+    runs = {}
+    try:
+        for early in (False, True):
+            with accel.patched(flux, "astar"):
+                state = _guidance_state(flux)
+                state.stop_passes_early = early
+                calls.clear()
+                runs[early] = (generate(flux), [loss for _, loss in state.losses], len(calls))
+    finally:
+        handle.remove()
+    assert runs[False][2] == 3 + 3 and runs[True][2] == 3 + 1  # 3 denoiser calls; only the planning pass is whole
+    # Every layer before the stop runs as in a whole pass, so the update is the same.
+    assert np.array_equal(runs[True][0], runs[False][0]) and runs[True][1] == runs[False][1]
+
+
 def test_true_cfg_negative_call_sees_the_moved_latent(flux):
     # FLUX encodes the negative prompt separately (the subjects need not be in it) and calls the transformer for it
     # under the "uncond" cache context: not guided, but on the same latent as the guided call.

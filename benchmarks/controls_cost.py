@@ -1,0 +1,150 @@
+"""What A-STAR's guided passes cost, and what stopping them at the last recorded layer saves.
+
+Each guided step runs one extra forward of the prompt rows with gradients, then its backward to the latent. The
+loss reads the cross-attention maps of one UNet level (16 x 16 of SD's 64 x 64 latent: the deepest down block, the
+middle and the first up block), so the call's first pass runs whole and leaves a plan, and later passes stop after
+the plan's last recorded layer (``stop_passes_early``, on by default; off here as the baseline). Per model:
+
+- time: the denoising loop (``output_type="latent"``), median of ``--repeats`` after a warm-up: unpatched, then
+  A-STAR (its defaults: every step guided) with whole passes and stopping early in turns, under one patch (a plan
+  serves every later call at its latent shape, as it would a user's);
+- memory: the peak bytes of tensors allocated during a one-step call after those (``PeakMemory``: the guided pass's
+  graph);
+- drift: the largest difference between the two A-STAR sides' latents (the skipped layers never feed the loss, but
+  a stopped pass runs the unread levels' cross-attention through SDPA instead of explicit probabilities).
+
+    python benchmarks/controls_cost.py                       # sd15-arch at 512², bf16 (real widths)
+    python benchmarks/controls_cost.py --models sd15-arch sdxl-arch --size 512
+    python benchmarks/controls_cost.py --quick               # sd15-tiny at 256², 2 steps: the CI smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    PeakMemory,
+    device_name,
+    environment,
+    interleaved_median_seconds,
+    median_seconds,
+    plot_speedups,
+    save_results,
+)
+
+import accel  # noqa: E402
+from accel.pipelines import tiny  # noqa: E402
+from accel.pipelines.controls import GUIDANCE_HOOK_NAME  # noqa: E402
+
+PROMPT = "a red circle and a blue square"
+SIDES = ("unpatched", "astar, whole passes", "astar, stopping early")
+
+
+def measure(name: str, size: int, steps: int, repeats: int) -> dict:
+    pipe = tiny.build_pipeline(name)
+    pipe.set_progress_bar_config(disable=True)
+    dtype = pipe.unet.dtype
+
+    def call(num_steps: int = steps):
+        return pipe(
+            PROMPT, num_inference_steps=num_steps, height=size, width=size, output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        ).images  # fmt: skip
+
+    with torch.no_grad():
+        unpatched = median_seconds(call, repeats)
+    # One patch for both A-STAR sides, as a user keeps one: its plan carries over between calls at one latent shape.
+    with accel.patched(pipe, "astar"):
+        state = pipe.unet._diffusers_hook.get_hook(GUIDANCE_HOOK_NAME).state
+
+        def side(early: bool, run):
+            state.stop_passes_early = early
+            return run()
+
+        sides = {SIDES[1]: False, SIDES[2]: True}
+        seconds = interleaved_median_seconds({k: lambda e=e: side(e, call) for k, e in sides.items()}, repeats)
+        seconds[SIDES[0]] = unpatched
+        latents = {k: side(e, call).float() for k, e in sides.items()}
+        peaks = {}
+        for key, early in sides.items():
+            with PeakMemory() as memory:
+                side(early, lambda: call(1))
+            peaks[key] = memory.peak
+    with PeakMemory() as memory:
+        call(1)
+    peaks[SIDES[0]] = memory.peak
+    return {
+        "model": name,
+        "size": size,
+        "steps": steps,
+        "dtype": str(dtype).removeprefix("torch."),
+        "seconds": seconds,
+        "time_over_unpatched": {side: seconds[side] / seconds["unpatched"] for side in SIDES},
+        "early_over_whole_time": seconds[SIDES[2]] / seconds[SIDES[1]],
+        "early_over_whole_guidance_time": (seconds[SIDES[2]] - unpatched) / (seconds[SIDES[1]] - unpatched),
+        "peak_bytes_one_step": peaks,
+        "early_over_whole_memory": peaks[SIDES[2]] / peaks[SIDES[1]],
+        "latent_max_abs_difference": float((latents[SIDES[1]] - latents[SIDES[2]]).abs().max()),
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    rows = result["rows"]
+    labels = [f"{row['model']} {row['size']}² {row['dtype']}" for row in rows]
+    bars = [
+        ("time: whole / stopping early", [1 / row["early_over_whole_time"] for row in rows]),
+        ("memory: whole / stopping early", [1 / row["early_over_whole_memory"] for row in rows]),
+    ]
+    title = (
+        f"A-STAR's guided passes stopped at the last recorded layer, as a ratio to whole passes; {result['device']}, "
+        f"{rows[0]['steps']} steps, all guided"
+    )
+    plot_speedups(path, labels, bars, title)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["sd15-arch"])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.size, args.steps, args.repeats = ["sd15-tiny"], 256, 2, 1
+    torch.set_num_threads(args.threads)
+    rows = [measure(name, args.size, args.steps, args.repeats) for name in args.models]
+    print(f"{'model':<12} {'size':>5} {'dtype':<9} {'unpatched':>10} {'whole':>10} {'early':>10} {'time':>6} "
+          f"{'peak whole':>11} {'peak early':>11} {'memory':>7} {'drift':>9}")  # fmt: skip
+    for row in rows:
+        s, p = row["seconds"], row["peak_bytes_one_step"]
+        print(
+            f"{row['model']:<12} {row['size']:>5} {row['dtype']:<9} {s[SIDES[0]]:>9.2f}s {s[SIDES[1]]:>9.2f}s "
+            f"{s[SIDES[2]]:>9.2f}s {row['early_over_whole_time']:>6.2f} {p[SIDES[1]] / 2**20:>9.0f}MB "
+            f"{p[SIDES[2]] / 2**20:>9.0f}MB {row['early_over_whole_memory']:>7.2f} "
+            f"{row['latent_max_abs_difference']:>9.2e}"
+        )
+    result = {
+        "device": device_name(),
+        "baseline": "A-STAR with whole guided passes (stop_passes_early=False); times also over the unpatched call",
+        "prompt": PROMPT,
+        "rows": rows,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "versions": environment(),
+        "argv": sys.argv[1:],
+    }
+    out = args.out or ("benchmarks/results/controls-cost" + ("-quick" if args.quick else ""))
+    save_results(result, out, plot, "controls-cost.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,9 +11,13 @@ pipeline is shared, and two generations on one CPU would only slow each other do
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
+import shutil
 import tempfile
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import accel
@@ -21,6 +25,9 @@ from accel.cli import positive_int
 from accel.compare import Comparison, checked_seed, compare, load_pipeline_or_explain, to_uint8
 from accel.loading import builtin_names, default_call_kwargs
 from demo.form import DEFAULT_CHOICE, FieldSpec, config_fields, options_from_form
+
+# accel's loggers ("accel.pipelines.hidiffusion", ...) all descend from this one.
+ACCEL_LOGGER = "accel"
 
 # The first view: the shipped model at twice its training size, where unpatched Stable Diffusion duplicates objects
 # and HiDiffusion does not (and is faster).
@@ -72,27 +79,96 @@ def call_arguments(model: str, prompt: str, height, width, frames, steps) -> dic
     return call
 
 
-def timing_table(run: Comparison) -> str:
-    size = "x".join(str(value) for value in run.output_size.values())
-    return "\n".join(
-        [
-            "| | unpatched | patched |",
-            "|---|---|---|",
-            f"| seconds (median of {run.repeats}) | {run.plain_seconds:.2f} | {run.patched_seconds:.2f} |",
-            f"| speed-up | 1.00x | {run.speedup:.2f}x |",
-            f"| PSNR vs unpatched | | {run.psnr_db:.1f} dB |",
-            f"| max abs difference | | {run.max_abs_diff:.3g} |",
-            "",
-            f"{run.model}, {run.method} {run.options or '(defaults)'}; {size}, {run.steps} steps, "
-            f"seed {run.seed}, {run.device}, {run.dtype}",
-        ]
-    )
+def timing_table(run: Comparison, notices: Sequence[str] = ()) -> str:
+    """The results as Markdown: times, speed-up and drift, what was timed, the run's settings, and what accel said
+    about the run (a method that does nothing at this size would otherwise look like a method that does not help)."""
+    size = run.output_size
+    # "64x96" reads as width x height to some and height x width to others; naming the sides leaves no doubt.
+    shape = f"width {size['width']}, height {size['height']}"
+    if "num_frames" in size:
+        shape = f"{size['num_frames']} frames, {shape}"
+    steps = f"{run.steps} step{'' if run.steps == 1 else 's'}"
+    runs = f"median of {run.repeats} timed calls" if run.repeats > 1 else "1 timed call"
+    lines = [
+        "| | unpatched | patched |",
+        "|---|---|---|",
+        f"| seconds ({runs}) | {run.plain_seconds:.2f} | {run.patched_seconds:.2f} |",
+        f"| speed-up | 1.00x | {run.speedup:.2f}x |",
+        f"| PSNR vs unpatched | | {run.psnr_db:.1f} dB |",
+        f"| max abs difference (pixel values 0-1) | | {run.max_abs_diff:.3g} |",
+        "",
+        f"{run.model}, {run.method} {run.options or '(defaults)'}; {shape}, {steps}, "
+        f"seed {run.seed} on both sides, {run.device}, {run.dtype}",
+        "",
+        f"A call is the whole pipeline call: text encoding, {steps} of denoising and decoding. Each side ran an "
+        "untimed 1-step warm-up call first; the timed calls alternate between the sides.",
+    ]
+    if notices:
+        lines += ["", "**accel says:**", *(f"- {notice}" for notice in notices)]
+    return "\n".join(lines)
+
+
+class _Notices(logging.Handler):
+    """Collects accel's warnings during a run, each once (they repeat for every call compare makes)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message not in self.messages:
+            self.messages.append(message)
+        # With a handler here Python no longer falls back to printing on stderr; the server's log keeps them.
+        if not logging.getLogger().handlers and logging.lastResort is not None:
+            logging.lastResort.handle(record)
+
+
+@contextlib.contextmanager
+def accel_notices():
+    """The warnings accel logs inside the block (e.g. "RAU-Net is off ... not above the UNet's training size"),
+    which otherwise reach only the server's terminal, never the page."""
+    handler = _Notices()
+    logger = logging.getLogger(ACCEL_LOGGER)
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def whole_number(label: str, value: Any) -> int | None:
+    """A form number as an int, refusing fractions (an empty box is ``None``)."""
+    try:
+        return FieldSpec(name=label, kind="int", default=None, optional=True, help="").parse(value)
+    except ValueError as error:
+        import gradio as gr
+
+        raise gr.Error(str(error)) from None
+
+
+class VideoFolders:
+    """A temporary folder for each video run's two files; each run deletes the folder of the run before it.
+
+    Gradio copies an output file into its own cache before it answers, and the app's queue runs one request at a time,
+    so by the next run nothing reads the previous folder; without this every video run left two MP4s in /tmp.
+    """
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+
+    def new(self) -> str:
+        if self.last is not None:
+            shutil.rmtree(self.last, ignore_errors=True)
+        self.last = tempfile.mkdtemp(prefix="accel-demo-")
+        return self.last
 
 
 def build_app(cache: PipelineCache | None = None):
     import gradio as gr
 
     cache = cache or PipelineCache()
+    video_folders = VideoFolders()
     registered = accel.methods()
     method_fields: dict[str, list[FieldSpec]] = {info.name: config_fields(info.config_class) for info in registered}
     default_method = DEFAULT_METHOD if DEFAULT_METHOD in method_fields else registered[0].name
@@ -114,13 +190,14 @@ def build_app(cache: PipelineCache | None = None):
         prompt = gr.Textbox(DEFAULT_PROMPT, label="prompt")
         initial = form_defaults(DEFAULT_MODEL)
         with gr.Row():
-            # 0 keeps the pipeline's own setting; choosing a model fills in its defaults.
-            height = gr.Number(initial[0], label="height", precision=0, minimum=0, info="pixels; 0: default")
-            width = gr.Number(initial[1], label="width", precision=0, minimum=0, info="pixels; 0: default")
-            frames = gr.Number(initial[2], label="frames", precision=0, minimum=0, info="video models; 0: default")
-            steps = gr.Number(initial[3], label="steps", precision=0, minimum=0, info="0: default")
-            seed = gr.Number(0, label="seed", precision=0)
-            repeats = gr.Number(1, label="timed runs", precision=0, minimum=1, info="median reported")
+            # 0 keeps the pipeline's own setting; choosing a model fills in its defaults. No `precision`: Gradio
+            # would round 2.5 steps to 2 before `run` sees it; `run` refuses fractions instead (`whole_number`).
+            height = gr.Number(initial[0], label="height", minimum=0, info="pixels; 0: default")
+            width = gr.Number(initial[1], label="width", minimum=0, info="pixels; 0: default")
+            frames = gr.Number(initial[2], label="frames", minimum=0, info="video models; 0: default")
+            steps = gr.Number(initial[3], label="steps", minimum=0, info="0: default")
+            seed = gr.Number(0, label="seed", minimum=0, info="the same on both sides")
+            repeats = gr.Number(1, label="timed runs", minimum=1, info="per side; median reported")
 
         settings_groups, settings_inputs = [], []
         with gr.Accordion("method settings (defaults shown)", open=False):
@@ -159,32 +236,40 @@ def build_app(cache: PipelineCache | None = None):
             progress=gr.Progress(track_tqdm=True),  # noqa: B008
         ):
             options = _selected_options(method_fields, method_name, raw_settings)
+            h, w, f, n = (
+                whole_number("height", h),
+                whole_number("width", w),
+                whole_number("frames", f),
+                whole_number("steps", n),
+            )
+            seed_value, repeat_count = whole_number("seed", seed_value), whole_number("timed runs", repeat_count)
             call = call_arguments(model_name, prompt_text, h, w, f, n)
             try:
-                seed = checked_seed(int(seed_value or 0))  # before loading: a seed torch refuses fails late
+                seed = checked_seed(seed_value or 0)  # before loading: a seed torch refuses fails late
                 progress(0, desc=f"loading {model_name}")
                 pipe = cache.get(model_name)
-                result = compare(
-                    pipe,
-                    method_name,
-                    options,
-                    call,
-                    model=model_name,
-                    seed=seed,
-                    repeats=int(repeat_count or 1),
-                )
+                with accel_notices() as notices:
+                    result = compare(
+                        pipe,
+                        method_name,
+                        options,
+                        call,
+                        model=model_name,
+                        seed=seed,
+                        repeats=1 if repeat_count is None else repeat_count,
+                    )
             # compare() and the loader raise these for inputs the user can fix, with the fix in the message.
             except (accel.AccelError, ValueError) as error:
                 raise gr.Error(str(error)) from None
             if result.is_video:
-                folder = tempfile.mkdtemp(prefix="accel-demo-")
+                folder = video_folders.new()
                 plain_path, patched_path = result.save(folder)
                 images = [gr.Image(value=None, visible=False), gr.Image(value=None, visible=False)]
                 videos = [gr.Video(value=plain_path, visible=True), gr.Video(value=patched_path, visible=True)]
             else:
                 images = [gr.Image(value=to_uint8(a), visible=True) for a in (result.plain, result.patched)]
                 videos = [gr.Video(value=None, visible=False), gr.Video(value=None, visible=False)]
-            return [*images, *videos, timing_table(result)]
+            return [*images, *videos, timing_table(result, notices)]
 
         generate.click(
             run,
@@ -212,10 +297,13 @@ def _selected_options(method_fields: dict[str, list[FieldSpec]], method_name: st
 def _widget(gr, method_name: str, spec: FieldSpec):
     label = spec.name if spec.kind != "json" else f"{spec.name} (JSON)"
     common = {"label": label, "info": spec.help, "elem_id": f"{method_name}-{spec.name}"}
+    if spec.kind == "bool" and spec.optional:
+        return gr.Dropdown([DEFAULT_CHOICE, "true", "false"], value=spec.initial(), **common)
     if spec.kind == "bool":
         return gr.Checkbox(spec.initial(), **common)
     if spec.kind in ("int", "float"):
-        return gr.Number(spec.initial(), precision=0 if spec.kind == "int" else None, **common)
+        # No `precision` for ints either: Gradio would round 1.5 to 2 before the form could refuse it.
+        return gr.Number(spec.initial(), **common)
     if spec.kind == "choice":
         choices = ([DEFAULT_CHOICE] if spec.optional else []) + list(spec.choices)
         return gr.Dropdown(choices, value=spec.initial(), **common)

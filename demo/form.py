@@ -38,6 +38,9 @@ class FieldSpec:
             return json.dumps(self.default)
         if self.kind == "choice":
             return DEFAULT_CHOICE if self.default is None else self.default
+        if self.kind == "bool" and self.optional:
+            # A checkbox has no third state: None would show, and be sent back, as False.
+            return DEFAULT_CHOICE if self.default is None else str(self.default).lower()
         if self.kind == "text":
             return self.default or ""
         return self.default
@@ -98,7 +101,7 @@ class FieldSpec:
         # bool("false") is True, so a text value must be read, not converted.
         if isinstance(raw, bool):
             return raw
-        if raw is None and self.optional:
+        if raw in (None, DEFAULT_CHOICE) and self.optional:
             return None
         if isinstance(raw, str) and raw.strip().lower() in ("true", "false"):
             return raw.strip().lower() == "true"

@@ -134,8 +134,8 @@ def _demo_run():
     run = next(function.fn for function in app.fns.values() if function.name == "run")
     settings = [spec.initial() for info in accel.methods() for spec in config_fields(info.config_class)]
 
-    def generate(model, height=0, width=0, seed=0, method="dense"):
-        return run(model, method, "a red circle", height, width, 0, 1, seed, 1, *settings)
+    def generate(model, height=0, width=0, seed=0, method="dense", frames=0):
+        return run(model, method, "a red circle", height, width, frames, 1, seed, 1, *settings)
 
     return generate
 
@@ -159,6 +159,111 @@ def test_generate_shows_input_errors_as_messages_naming_the_fix(tmp_path, model,
     with pytest.raises(gr.Error) as raised:
         generate(str(tmp_path) if model == "folder" else model, **settings)
     assert expected in raised.value.message
+
+
+def test_each_video_run_deletes_the_previous_runs_files():
+    import glob
+    import tempfile
+
+    pattern = f"{tempfile.gettempdir()}/accel-demo-*"
+    generate = _demo_run()
+    before = set(glob.glob(pattern))
+    folders = []
+    for _ in range(2):
+        outputs = generate("hunyuanvideo-tiny", height=64, width=64, frames=5)
+        assert outputs[2].value is not None  # the unpatched video
+        folders.append(set(glob.glob(pattern)) - before)
+    assert len(folders[0]) == 1 and len(folders[1]) == 1 and folders[0] != folders[1]
+
+
+def _generate_handler():
+    """The app's Generate handler and its input components, in the order Gradio passes their values."""
+    pytest.importorskip("gradio")
+    from demo.app import build_app
+
+    app = build_app()
+    function = next(function for function in app.fns.values() if function.name == "run")
+    return function.fn, function.inputs
+
+
+def _as_sent(component, value):
+    """What the handler receives for ``value`` in ``component``: Gradio preprocesses it first."""
+    return component.preprocess(value)
+
+
+def test_the_form_as_first_shown_sends_every_methods_defaults():
+    # The checkbox for astar's refine (True, False or None: on for A&E's loss) showed None as unticked and sent
+    # False, so every A&E run in the demo quietly turned off its refinement.
+    _, inputs = _generate_handler()
+    by_id = {component.elem_id: component for component in inputs if component.elem_id}
+    for info in accel.methods():
+        specs = config_fields(info.config_class)
+        sent = [_as_sent(by_id[f"{info.name}-{spec.name}"], by_id[f"{info.name}-{spec.name}"].value) for spec in specs]
+        assert options_from_form(specs, sent) == {}, info.name
+    refine = next(spec for spec in config_fields(accel.AStarConfig) if spec.name == "refine")
+    assert [refine.parse(_as_sent(by_id["astar-refine"], raw)) for raw in ("true", "false", DEFAULT_CHOICE)] == [
+        True,
+        False,
+        None,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("box", "value", "words"), [("steps", 2.5, "steps: 2.5"), ("gna-dense_steps", 1.5, "dense_steps: 1.5")]
+)
+def test_fractions_in_whole_number_boxes_are_refused_not_rounded(box, value, words):
+    # Gradio's precision=0 rounded them (2.5 steps ran 2, dense_steps 1.5 ran 2) before the form could refuse them.
+    import gradio as gr
+
+    run, inputs = _generate_handler()
+    values = [component.value for component in inputs]
+    index = next(i for i, c in enumerate(inputs) if box in (c.elem_id, c.label))
+    values[index] = value
+    sent = [_as_sent(component, raw) for component, raw in zip(inputs, values, strict=True)]
+    sent[:2] = ["sd15-tiny", "gna"]
+    with pytest.raises(gr.Error) as raised:
+        run(*sent)
+    assert raised.value.message.startswith(f"{words} is not a whole number")
+
+
+def test_accels_notices_are_shown_with_the_results():
+    # "RAU-Net is off ... not above the UNet's training size" went to the server's terminal only: on the page,
+    # HiDiffusion at this size looked like a method that does not help.
+    generate = _demo_run()
+    table = generate("sd15-tiny", height=128, width=128, method="hidiffusion")[-1]
+    assert table.count("hidiffusion: RAU-Net is off for 16x16 latents") == 1
+
+
+def test_the_results_say_what_was_timed_and_which_side_is_which():
+    pytest.importorskip("gradio")
+    import numpy as np
+
+    from accel.compare import Comparison
+    from demo.app import timing_table
+
+    frames = np.zeros((2, 3, 4, 3), dtype=np.float32)  # 2 frames, 3 rows, 4 columns
+    run = Comparison(
+        model="m",
+        method="dense",
+        options={},
+        device="cpu",
+        dtype="torch.float32",
+        call={},
+        prompt="p",
+        steps=1,
+        seed=7,
+        repeats=3,
+        plain_seconds=2.0,
+        patched_seconds=1.0,
+        plain=frames,
+        patched=frames,
+        is_video=True,
+    )
+    table = timing_table(run)
+    # Was "2x3x4": which number was the width?
+    assert "2 frames, width 4, height 3, 1 step, seed 7 on both sides" in table
+    assert "median of 3 timed calls" in table
+    assert "text encoding, 1 step of denoising and decoding" in table and "untimed 1-step warm-up" in table
 
 
 def test_demo_threads_must_be_positive(capsys):

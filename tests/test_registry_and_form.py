@@ -16,7 +16,7 @@ import accel
 from accel import registry
 from accel.config import EditConfig, GNAConfig, MethodConfig
 from accel.errors import InvalidOptionError
-from demo.form import FieldSpec
+from demo.form import DEFAULT_CHOICE, FieldSpec
 
 
 @pytest.fixture
@@ -83,6 +83,15 @@ def test_bool_fields_refuse_other_values(raw):
 
 def test_an_optional_bool_field_keeps_none():
     assert spec("bool", optional=True).parse(None) is None
+
+
+def test_an_optional_bool_field_offers_its_default_as_a_third_choice():
+    # A checkbox cannot show None: the demo sent it back as False, changing the option.
+    field = spec("bool", optional=True)
+    assert field.initial() == DEFAULT_CHOICE and field.parse(DEFAULT_CHOICE) is None
+    assert FieldSpec(name="radius", kind="bool", default=True, optional=True, help="").initial() == "true"
+    with pytest.raises(InvalidOptionError, match=r"radius: expected True or False"):
+        spec("bool").parse(DEFAULT_CHOICE)
 
 
 @pytest.mark.parametrize("raw, expected", [(4, 4), (4.0, 4), ("4", 4), ("4.0", 4), (" 7 ", 7), (None, None)])

@@ -409,7 +409,9 @@ class LatentGuidanceHook(ModelHook):
         regions each row yields (A-STAR's). Runs with gradients enabled."""
         state = self.state
         latent = latent.detach().requires_grad_()
-        maps = self._recorded_maps(forward, {**conditional, self.inputs.latent: latent})
+        # Joint attention (FLUX) renormalises its maps over the prompt's own tokens; a UNet's are probabilities.
+        spans = state.spans if self.inputs.joint else None
+        maps = self._recorded_maps(forward, {**conditional, self.inputs.latent: latent}, spans)
         regions = {}
         # Row by row: prompts of one batch may name different numbers of subjects (or none).
         losses = []
@@ -422,18 +424,19 @@ class LatentGuidanceHook(ModelHook):
                     regions[i] = row_regions
         loss = torch.cat(losses).sum()
         # One subject and nothing retained yet (A-STAR's first step): the loss is a constant 0.
-        gradient = torch.autograd.grad(loss, latent)[0] if loss.requires_grad else torch.zeros_like(latent)
+        gradient = torch.zeros_like(latent)
+        if loss.requires_grad:
+            with state.store.replay(text_spans=spans):  # for blocks that gradient checkpointing runs again
+                gradient = torch.autograd.grad(loss, latent)[0]
         return [float(row_loss.detach()) for row_loss in losses], gradient.detach(), regions
 
-    def _recorded_maps(self, forward, arguments: dict) -> torch.Tensor:
+    def _recorded_maps(self, forward, arguments: dict, spans: list[tuple[int, int]] | None) -> torch.Tensor:
         """The aggregated maps of one forward with gradients. The first pass at a latent shape runs whole and leaves
         a plan; later passes at that shape (this call's and later calls') follow it: the levels the loss does not
         read run SDPA, and the pass ends after the last layer it reads (SD 1.5 at 512²: up_blocks.1, so half the
         forward and its activations are skipped). A pass that strays from the plan runs again whole and replaces it.
         """
         state, store = self.state, self.state.store
-        # Joint attention (FLUX) renormalises its maps over the prompt's own tokens; a UNet's are probabilities.
-        spans = state.spans if self.inputs.joint else None
         shape = tuple(arguments[self.inputs.latent].shape)
         planned = state.recording_plan
         plan = planned[1] if planned is not None and planned[0] == shape and state.stop_passes_early else None

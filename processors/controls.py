@@ -66,6 +66,8 @@ class CrossAttentionStore:
             joint-attention maps are renormalised (``None``: over every text token).
         plan: while recording, the `RecordingPlan` the pass follows (``None``: a whole pass).
         met: the ``(layer, grid)`` of every recording layer the pass has met so far.
+        records: per layer met in the last pass, whether it recorded; `replay` repeats these decisions.
+        replaying: inside `replay` (the pass's backward).
     """
 
     grid: tuple[int, int] | None = None
@@ -75,11 +77,14 @@ class CrossAttentionStore:
     text_spans: list[tuple[int, int]] | None = None
     plan: RecordingPlan | None = None
     met: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+    records: dict[str, bool] = field(default_factory=dict)
+    replaying: bool = False
 
     @contextlib.contextmanager
     def record(self, text_spans: list[tuple[int, int]] | None = None, plan: RecordingPlan | None = None):
         self.maps.clear()
         self.met.clear()
+        self.records.clear()
         self.recording = True
         self.text_spans = text_spans
         self.plan = plan
@@ -90,20 +95,41 @@ class CrossAttentionStore:
             self.text_spans = None
             self.plan = None
 
+    @contextlib.contextmanager
+    def replay(self, text_spans: list[tuple[int, int]] | None = None):
+        """Around the backward pass of the last recording pass. Gradient checkpointing runs checkpointed blocks
+        again there and needs every operation of the first run again: recorded layers compute their maps as they
+        did (same layers, same spans) but keep nothing and never end the pass."""
+        self.recording = self.replaying = True
+        self.text_spans = text_spans
+        try:
+            yield self
+        finally:
+            self.recording = self.replaying = False
+            self.text_spans = None
+
     def meet(self, layer: str, grid: tuple[int, ...]) -> bool:
         """Note that ``layer`` runs at ``grid`` in this pass; whether it records its map."""
+        if self.replaying:
+            return self.records.get(layer, False)
         position = len(self.met)
         self.met.append((layer, grid))
         if self.plan is None:
-            return self.grid is None or grid == tuple(self.grid)
-        if position >= len(self.plan.order) or self.plan.order[position] != (layer, grid):
+            records = self.grid is None or grid == tuple(self.grid)
+        elif position >= len(self.plan.order) or self.plan.order[position] != (layer, grid):
             raise RecordingPlanMismatch(
                 f"{layer} at {grid} is not what the recording plan lists at position {position}"
             )
-        return grid == self.plan.grid
+        else:
+            records = grid == self.plan.grid
+        self.records[layer] = records
+        return records
 
-    def recorded(self) -> None:
-        """Called after a layer stored its map: ends a planned pass at its last layer."""
+    def keep(self, layer: str, grid: tuple[int, ...], maps: torch.Tensor) -> None:
+        """Store a layer's map; a planned pass ends at its plan's last layer."""
+        if self.replaying:
+            return
+        self.maps[layer] = (grid, maps)
         if self.plan is not None and len(self.met) - 1 == self.plan.last:
             raise RecordingComplete
 
@@ -165,8 +191,7 @@ class StoreAttnProcessor(DenseAttnProcessor):
         scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
         if attention_mask is not None:
             scores = scores + attention_mask.float()
-        self.store.maps[self.layer] = (grid, scores.softmax(dim=-1).mean(dim=1))
-        self.store.recorded()
+        self.store.keep(self.layer, grid, scores.softmax(dim=-1).mean(dim=1))
         return out
 
     def __repr__(self) -> str:
@@ -218,8 +243,7 @@ class FluxStoreAttnProcessor(DenseFluxAttnProcessor):
         keep = None if keep is None else keep[:, :used]
         maps = text_token_maps(query[:, visual], key[:, text][:, :used], keep)
         maps = F.pad(maps, (0, call.text_tokens - maps.shape[-1]))
-        self.store.maps[self.layer] = (tuple(grid), maps)
-        self.store.recorded()
+        self.store.keep(self.layer, tuple(grid), maps)
         return out
 
     def __repr__(self) -> str:

@@ -408,6 +408,30 @@ def test_a_pass_that_strays_from_its_plan_runs_again_whole(shapes_pipe):
     assert (early == whole).all() and early_losses == whole_losses
 
 
+@pytest.mark.parametrize(
+    "methods",
+    [
+        accel.AStarConfig(map_side=8),  # its planned passes stop inside a checkpointed block
+        accel.AStarConfig(loss="attend_excite", guided_steps=0.5),
+        [accel.HiDiffusionConfig(), accel.AStarConfig()],
+    ],
+    ids=["astar", "attend_excite", "hidiffusion+astar"],
+)
+def test_gradient_checkpointing_gives_the_same_guidance(shapes_pipe, methods):
+    # Checkpointed blocks run again in the backward pass; the recorded layers must redo their maps there, or torch
+    # refuses the recomputation ("a different number of tensors was saved").
+    size = 128 if isinstance(methods, list) else 64
+    with accel.patched(shapes_pipe, methods):
+        plain = generate_shapes(shapes_pipe, PROMPT, size=size)
+    shapes_pipe.unet.enable_gradient_checkpointing()
+    try:
+        with accel.patched(shapes_pipe, methods):
+            checkpointed = generate_shapes(shapes_pipe, PROMPT, size=size)
+    finally:
+        shapes_pipe.unet.disable_gradient_checkpointing()
+    assert (checkpointed == plain).all()
+
+
 def test_a_users_own_scheduler_step_comes_back(shapes_pipe):
     own = shapes_pipe.scheduler.step  # a bound method set on the instance, as a user's wrapper would be
     shapes_pipe.scheduler.step = own

@@ -202,6 +202,18 @@ def test_guided_passes_stop_after_the_last_recorded_block(flux):
     assert np.array_equal(runs[True][0], runs[False][0]) and runs[True][1] == runs[False][1]
 
 
+def test_gradient_checkpointing_gives_the_same_guidance(flux):
+    with accel.patched(flux, "astar"):
+        plain = generate(flux)
+    flux.transformer.enable_gradient_checkpointing()
+    try:
+        with accel.patched(flux, "astar"):
+            checkpointed = generate(flux)
+    finally:
+        flux.transformer.disable_gradient_checkpointing()
+    assert np.array_equal(checkpointed, plain)
+
+
 def test_true_cfg_negative_call_sees_the_moved_latent(flux):
     # FLUX encodes the negative prompt separately (the subjects need not be in it) and calls the transformer for it
     # under the "uncond" cache context: not guided, but on the same latent as the guided call.

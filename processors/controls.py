@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from accel.kernels.controls import text_token_maps
 from accel.processors.dense import AttentionCall, DenseAttnProcessor, DenseFluxAttnProcessor
 from accel.processors.joint import key_padding_mask
+from accel.processors.state import PerThread, PerThreadOwner
 
 # A&E's and A-STAR's maps are 16 x 16 (of SD's 64 x 64 latent); other sizes use the recorded level nearest that.
 PREFERRED_MAP_SIDE = 16
@@ -53,14 +55,18 @@ class RecordingPlan:
     last: int
 
 
-@dataclass
-class CrossAttentionStore:
+class CrossAttentionStore(PerThreadOwner):
     """Head-averaged cross-attention probabilities of the last recording pass.
+
+    Everything but ``grid`` and ``map_side`` is kept per thread (`PerThread`): a pipeline sharing the patched
+    denoiser (``from_pipe``) may run it from another thread while this patch records, and its layers must neither
+    record into this pass nor end their own forward at this pass's plan.
 
     Attributes:
         grid: keep only layers at this token grid ``(h, w)``; ``None`` keeps every cross-attention layer (the level
             is chosen when aggregating, so it follows resolution changes such as HiDiffusion's RAU-Net).
         map_side: the level `aggregate` reads by default: the recorded grid whose larger side is nearest this.
+        recording: inside `record` or `replay`.
         maps: layer name -> ``(grid, [B, h * w, T])``.
         text_spans: while recording, per batch row the ``(first, end)`` span of the prompt's own tokens, over which
             joint-attention maps are renormalised (``None``: over every text token).
@@ -70,15 +76,18 @@ class CrossAttentionStore:
         replaying: inside `replay` (the pass's backward).
     """
 
-    grid: tuple[int, int] | None = None
-    map_side: int = PREFERRED_MAP_SIDE
-    recording: bool = False
-    maps: dict[str, tuple[tuple[int, ...], torch.Tensor]] = field(default_factory=dict)
-    text_spans: list[tuple[int, int]] | None = None
-    plan: RecordingPlan | None = None
-    met: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
-    records: dict[str, bool] = field(default_factory=dict)
-    replaying: bool = False
+    recording = PerThread(lambda: False)
+    maps = PerThread(dict)
+    text_spans = PerThread(lambda: None)
+    plan = PerThread(lambda: None)
+    met = PerThread(list)
+    records = PerThread(dict)
+    replaying = PerThread(lambda: False)
+
+    def __init__(self, grid: tuple[int, int] | None = None, map_side: int = PREFERRED_MAP_SIDE):
+        self.grid = grid
+        self.map_side = map_side
+        self._per_thread = threading.local()
 
     @contextlib.contextmanager
     def record(self, text_spans: list[tuple[int, int]] | None = None, plan: RecordingPlan | None = None):

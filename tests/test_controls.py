@@ -102,6 +102,34 @@ def test_recorded_maps_and_exact_outputs(recording_unet):
     store.map_side = 16
 
 
+def test_another_threads_forward_neither_records_nor_stops_at_this_threads_plan(recording_unet):
+    # A pipeline made with from_pipe shares the patched UNet and may run it from another thread (a server's second
+    # tab) while the patched one is inside a planned recording pass.
+    import threading
+
+    pipe, unet, store, embedding, timestep = recording_unet
+    latent = torch.randn(1, unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    outputs, errors = {}, []
+
+    def sibling_call():
+        try:
+            outputs["sibling"] = unet(latent, timestep, embedding).sample
+        except Exception as error:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(error)
+
+    with torch.no_grad():
+        plain = unet(latent, timestep, embedding).sample
+        with store.record():
+            unet(latent, timestep, embedding)
+        plan = store.whole_pass_plan()
+        with store.record(plan=plan):
+            worker = threading.Thread(target=sibling_call)
+            worker.start()
+            worker.join()
+            assert store.maps == {} and store.met == []
+    assert errors == [] and torch.equal(outputs["sibling"], plain)
+
+
 @pytest.mark.parametrize("loss_name", ["segregation", "attend_excite"])
 def test_losses_decrease_over_latent_updates(recording_unet, loss_name):
     pipe, unet, store, embedding, timestep = recording_unet

@@ -84,6 +84,7 @@ def apply_hidiffusion(plan: PatchPlan, config: HiDiffusionConfig) -> None:
         state = hidiffusion.RAUNetState(
             plan.context, unet.config.sample_size, (config.raunet_switch, config.raunet_deep_switch)
         )
+        plan.context.companions.append(state)
         for module, hook, name in hidiffusion.raunet_hooks(unet, state):
             plan.add_hook(module, hook, name)
 
@@ -258,6 +259,7 @@ def apply_astar(plan: PatchPlan, config: AStarConfig) -> None:
             "map_side out (layers=... chooses the recorded blocks)"
         )
     store = CrossAttentionStore() if config.map_side is None else CrossAttentionStore(map_side=config.map_side)
+    plan.context.companions.append(store)
     state = controls.GuidanceState(
         store=store,
         loss=config.loss,

@@ -50,7 +50,7 @@ from accel.processors.controls import (
     RecordingPlan,
     RecordingPlanMismatch,
 )
-from accel.processors.state import PatchContext
+from accel.processors.state import PatchContext, lend_per_thread_state
 
 GUIDANCE_HOOK_NAME = "accel_latent_guidance"
 
@@ -426,7 +426,8 @@ class LatentGuidanceHook(ModelHook):
         # One subject and nothing retained yet (A-STAR's first step): the loss is a constant 0.
         gradient = torch.zeros_like(latent)
         if loss.requires_grad:
-            with state.store.replay(text_spans=spans):  # for blocks that gradient checkpointing runs again
+            # For blocks that gradient checkpointing runs again, on a GPU in torch's own threads.
+            with state.store.replay(text_spans=spans), lend_per_thread_state([self.context, *self.context.companions]):
                 gradient = torch.autograd.grad(loss, latent)[0]
         return [float(row_loss.detach()) for row_loss in losses], gradient.detach(), regions
 

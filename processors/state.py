@@ -6,6 +6,7 @@ A denoiser hook (see ``accel.pipelines.hooks``) writes them before every forward
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from dataclasses import dataclass
@@ -84,7 +85,8 @@ class PerThread:
     may run it at once from two threads (a server's two tabs), and each call must see its own facts.
 
     The owner keeps a ``threading.local()`` as ``_per_thread``; a thread that has not set the attribute reads a fresh
-    ``default()``.
+    ``default()``, or, while the owner's state is lent (`lend_per_thread_state`) and the thread has set none of its
+    own, the lending thread's value.
     """
 
     def __init__(self, default):
@@ -97,6 +99,9 @@ class PerThread:
         if owner_instance is None:
             return self
         calls = owner_instance._per_thread
+        lent = owner_instance.__dict__.get("_lent")
+        if lent is not None and not getattr(calls, "_set_here", False):
+            return lent[self.name]
         try:
             return getattr(calls, self.name)
         except AttributeError:
@@ -105,7 +110,28 @@ class PerThread:
             return value
 
     def __set__(self, owner_instance, value) -> None:
-        setattr(owner_instance._per_thread, self.name, value)
+        calls = owner_instance._per_thread
+        setattr(calls, self.name, value)
+        calls._set_here = True
+
+
+@contextlib.contextmanager
+def lend_per_thread_state(owners):
+    """Let threads that hold no state of their own read the calling thread's, while it waits in ``torch.autograd``.
+
+    On a GPU, torch runs the backward pass in device threads of its own, and gradient checkpointing runs checkpointed
+    blocks again there: their processors and hooks must see the call's layout, step and stages, not empty defaults. A
+    thread that set any state of an owner (a ``from_pipe`` sibling's call) keeps reading its own.
+    """
+    owners = list(owners)
+    for owner in owners:
+        names = {name for klass in type(owner).__mro__ for name, v in vars(klass).items() if isinstance(v, PerThread)}
+        owner.__dict__["_lent"] = {name: getattr(owner, name) for name in names}
+    try:
+        yield
+    finally:
+        for owner in owners:
+            owner.__dict__.pop("_lent", None)
 
 
 class PerThreadOwner:
@@ -131,6 +157,8 @@ class PatchContext(PerThreadOwner):
             img2img / inpaint with ``strength < 1``), so a method whose phase lies before it can say it has no part.
         scratch (`dict`): method-owned per-generation state (attention stores, caches) keyed by method name.
         warned (`set`): one-time notices already given under this patch (kept across generations).
+        companions (`list`): the patch's other holders of per-thread state, lent with this one (see
+            `lend_per_thread_state`).
 
     ``step``, ``layout``, ``foreign_call``, ``run_start`` and ``scratch`` are kept per thread (see `PerThread`); ``reset`` clears
     them for the calling thread.
@@ -147,6 +175,8 @@ class PatchContext(PerThreadOwner):
         self.family = family
         self._per_thread = threading.local()
         self.warned: set[tuple[str, str]] = set()
+        # Other holders of this patch's per-thread state (RAU-Net's, the controls' store), lent with it.
+        self.companions: list[PerThreadOwner] = []
         self.step = step
         self.layout = layout
 

@@ -76,3 +76,29 @@ def controlnet_pipeline(sd):
     pipe = StableDiffusionControlNetPipeline(**sd.components, controlnet=controlnet)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def backward_in_another_thread(monkeypatch) -> None:
+    """Make ``torch.autograd.grad`` run in a thread of its own, as torch runs a GPU backward pass (and gradient
+    checkpointing's recomputation) in device threads; on a CPU it runs in the calling thread."""
+    import threading
+
+    grad = torch.autograd.grad
+
+    def in_another_thread(*args, **kwargs):
+        result = {}
+
+        def run():
+            try:
+                result["gradients"] = grad(*args, **kwargs)
+            except BaseException as error:  # noqa: BLE001  (raised again in the caller's thread)
+                result["error"] = error
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join()
+        if "error" in result:
+            raise result["error"]
+        return result["gradients"]
+
+    monkeypatch.setattr(torch.autograd, "grad", in_another_thread)

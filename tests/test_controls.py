@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 import torch
-from helpers import controlnet_pipeline, generate_shapes, losses_over_latent_updates
+from helpers import backward_in_another_thread, controlnet_pipeline, generate_shapes, losses_over_latent_updates
 
 import accel
 from accel.kernels import controls
@@ -437,17 +437,21 @@ def test_a_pass_that_strays_from_its_plan_runs_again_whole(shapes_pipe):
 
 
 @pytest.mark.parametrize(
-    "methods",
+    ("methods", "backward_thread"),
     [
-        accel.AStarConfig(map_side=8),  # its planned passes stop inside a checkpointed block
-        accel.AStarConfig(loss="attend_excite", guided_steps=0.5),
-        [accel.HiDiffusionConfig(), accel.AStarConfig()],
+        (accel.AStarConfig(map_side=8), False),  # its planned passes stop inside a checkpointed block
+        (accel.AStarConfig(loss="attend_excite", guided_steps=0.5), False),
+        ([accel.HiDiffusionConfig(), accel.AStarConfig()], False),
+        ([accel.HiDiffusionConfig(), accel.AStarConfig()], True),  # every kind of per-thread state
     ],
-    ids=["astar", "attend_excite", "hidiffusion+astar"],
+    ids=["astar", "attend_excite", "hidiffusion+astar", "hidiffusion+astar, backward in a device thread"],
 )
-def test_gradient_checkpointing_gives_the_same_guidance(shapes_pipe, methods):
+def test_gradient_checkpointing_gives_the_same_guidance(shapes_pipe, methods, backward_thread, monkeypatch):
     # Checkpointed blocks run again in the backward pass; the recorded layers must redo their maps there, or torch
-    # refuses the recomputation ("a different number of tensors was saved").
+    # refuses the recomputation ("a different number of tensors was saved"). On a GPU that happens in torch's own
+    # threads, which must see the call's layout, step, RAU-Net stages and recording decisions.
+    if backward_thread:
+        backward_in_another_thread(monkeypatch)
     size = 128 if isinstance(methods, list) else 64
     with accel.patched(shapes_pipe, methods):
         plain = generate_shapes(shapes_pipe, PROMPT, size=size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import losses_over_latent_updates, model_fingerprint
+from helpers import backward_in_another_thread, losses_over_latent_updates, model_fingerprint
 
 import accel
 from accel.errors import InvalidOptionError
@@ -202,7 +202,11 @@ def test_guided_passes_stop_after_the_last_recorded_block(flux):
     assert np.array_equal(runs[True][0], runs[False][0]) and runs[True][1] == runs[False][1]
 
 
-def test_gradient_checkpointing_gives_the_same_guidance(flux):
+@pytest.mark.parametrize("backward_thread", [False, True], ids=["backward here", "backward in a device thread"])
+def test_gradient_checkpointing_gives_the_same_guidance(flux, backward_thread, monkeypatch):
+    # In a device thread (a GPU's backward) the single blocks must still see the call's text length.
+    if backward_thread:
+        backward_in_another_thread(monkeypatch)
     with accel.patched(flux, "astar"):
         plain = generate(flux)
     flux.transformer.enable_gradient_checkpointing()

@@ -254,3 +254,30 @@ def test_siblings_sharing_a_patched_unet_run_at_once_from_two_threads(tiny_pipel
             thread.join()
     for key in runs:
         assert len(together[key]) == 2 and all((image == alone[key]).all() for image in together[key])
+
+
+def test_lent_state_reaches_threads_without_their_own_and_spares_those_with_it():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from accel.processors.state import LatentLayout, PatchContext, lend_per_thread_state
+
+    context = PatchContext(family="unet", layout=LatentLayout(grid=(8, 8)))
+    sibling_saw = []
+
+    def sibling_call():  # a from_pipe sibling's call sets its own facts
+        context.layout = LatentLayout(grid=(4, 4))
+        sibling_saw.append(context.layout)
+
+    # One long-lived thread, as torch's device threads are: it reads (and caches) the default before the lend.
+    with ThreadPoolExecutor(max_workers=1) as device_thread:
+        before = device_thread.submit(lambda: context.layout).result()
+        with lend_per_thread_state([context]):
+            during = device_thread.submit(lambda: context.layout).result()
+            sibling = threading.Thread(target=sibling_call)
+            sibling.start()
+            sibling.join()
+        after = device_thread.submit(lambda: context.layout).result()
+    assert before is None and after is None  # nothing is lent outside the block
+    assert during.grid == (8, 8) and sibling_saw[0].grid == (4, 4)
+    assert context.layout.grid == (8, 8)

@@ -7,6 +7,7 @@ A denoiser hook (see ``accel.pipelines.hooks``) writes them before every forward
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from dataclasses import dataclass
@@ -115,6 +116,13 @@ class PerThread:
         calls._set_here = True
 
 
+@functools.cache
+def _per_thread_names(owner_class: type) -> tuple[str, ...]:
+    return tuple(
+        sorted({name for klass in owner_class.__mro__ for name, v in vars(klass).items() if isinstance(v, PerThread)})
+    )
+
+
 @contextlib.contextmanager
 def lend_per_thread_state(owners):
     """Let threads that hold no state of their own read the calling thread's, while it waits in ``torch.autograd``.
@@ -125,8 +133,7 @@ def lend_per_thread_state(owners):
     """
     owners = list(owners)
     for owner in owners:
-        names = {name for klass in type(owner).__mro__ for name, v in vars(klass).items() if isinstance(v, PerThread)}
-        owner.__dict__["_lent"] = {name: getattr(owner, name) for name in names}
+        owner.__dict__["_lent"] = {name: getattr(owner, name) for name in _per_thread_names(type(owner))}
     try:
         yield
     finally:

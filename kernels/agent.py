@@ -112,7 +112,7 @@ def pooled_grid(grid: tuple[int, ...], ratio: float) -> tuple[int, ...]:
     left = ratio * math.prod(grid)
     free = list(range(len(grid)))
     while free:
-        factor = (left / math.prod(grid[axis] for axis in free)) ** (1.0 / len(free))
+        factor = (left / math.prod([grid[axis] for axis in free])) ** (1.0 / len(free))
         axis = min(free, key=lambda a: (grid[a] * factor, a))
         pooled[axis] = max(1, min(grid[axis], math.floor(grid[axis] * factor + 0.5)))
         left /= pooled[axis]

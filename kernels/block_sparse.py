@@ -297,6 +297,9 @@ def block_sparse_plan(neighborhood: Neighborhood, tile: tuple[int, ...], device:
     )
 
 
+# Eager under torch.compile (a graph break per call): the launch plan is built in Python from the grid, and Triton
+# launches traced into Dynamo graphs have not been run on a GPU here.
+@torch.compiler.disable
 def block_sparse_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -389,6 +392,8 @@ def tile_of_tokens(grid: tuple[int, ...], tile: tuple[int, ...], device: torch.d
     return index.to(device)
 
 
+# Eager under torch.compile, as block_sparse_attention is.
+@torch.compiler.disable
 def block_select_attention(
     query: torch.Tensor,
     key: torch.Tensor,

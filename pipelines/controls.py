@@ -293,6 +293,15 @@ class LatentGuidanceHook(ModelHook):
         return module
 
     def new_forward(self, module, *args, **kwargs):
+        args, kwargs = self._guided_inputs(module, args, kwargs)
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+    # Under torch.compile the guidance (prompt matching, the guided passes with their autograd.grad, the latent
+    # update) runs eagerly, as one graph break before the denoiser's compiled forward: its passes stop early and record
+    # maps, which a compiled graph cannot do.
+    @torch.compiler.disable
+    def _guided_inputs(self, module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The arguments of this denoiser call: as given, or with the latent moved by this step's update."""
         forward = self.fn_ref.original_forward
         state = self.state
         # accel's step hook sits inside this one; let it read this call's step and layout first.
@@ -307,7 +316,7 @@ class LatentGuidanceHook(ModelHook):
         matched = None if self.call_name.name == "uncond" or foreign else state.encodings.match(text)
         if matched is None:
             if not foreign and self._follows_step_update(arguments, step):
-                return forward(**arguments)
+                return (), arguments
             if self.call_name.name != "uncond" and text is not None and not self._warned_unmatched:
                 logger.warning(
                     "%s: the denoiser was called by another pipeline sharing it (e.g. one made with from_pipe) or "
@@ -316,7 +325,7 @@ class LatentGuidanceHook(ModelHook):
                     state.loss,
                 )
                 self._warned_unmatched = True
-            return forward(*args, **kwargs)
+            return args, kwargs
         encoding, guidance_batch = matched
         if encoding.error is not None:
             raise encoding.error
@@ -334,7 +343,7 @@ class LatentGuidanceHook(ModelHook):
                 self.context.notice_run_past(
                     logger, state.loss, f"guided_steps={state.guided_steps:.2f}", "no step is guided", "guided_steps"
                 )
-            return forward(*args, **kwargs)
+            return args, kwargs
         if not any(state.positions):
             if not self._warned_no_subjects:
                 logger.warning(
@@ -343,7 +352,7 @@ class LatentGuidanceHook(ModelHook):
                     state.loss,
                 )
                 self._warned_no_subjects = True
-            return forward(*args, **kwargs)
+            return args, kwargs
         if step.step_index == 0:
             state.previous_regions.clear()
         rows = encoding.embeds.shape[0]
@@ -359,7 +368,7 @@ class LatentGuidanceHook(ModelHook):
         state.step_update = (step.step_index, update)
         self._ensure_step_shim()
         arguments[self.inputs.latent] = latent + _repeat_rows(update, latent)
-        return forward(**arguments)
+        return (), arguments
 
     def _follows_step_update(self, arguments: dict, step) -> bool:
         """Another call of a guided step (FLUX's true-CFG negative pass) gets the same moved latent."""

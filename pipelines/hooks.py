@@ -50,6 +50,9 @@ class StepStateHook(ModelHook):
         self._signature = inspect.signature(module.forward)
         return module
 
+    # Under torch.compile this runs eagerly (one graph break before the denoiser's body): it reads the call stack and
+    # the scheduler, which Dynamo cannot trace, and it only sets the Python facts the compiled body reads.
+    @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         self._check_processors()
         inputs = self._signature.bind_partial(*args, **kwargs).arguments

@@ -195,6 +195,8 @@ class StructuredTextHook(ModelHook):
     def reset_state(self, module):
         return module
 
+    # Eager under torch.compile (one graph break before the transformer's body): matching the prompt compares tensors.
+    @torch.compiler.disable
     def pre_forward(self, module, *args, **kwargs):
         if self.call_name.name == "uncond":
             return args, kwargs

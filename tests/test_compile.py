@@ -1,6 +1,6 @@
 """accel.patch, then torch.compile: the order accel's refusal of a compiled denoiser names must work for every method.
 
-Dynamo's "aot_eager" backend traces, guards and runs AOTAutograd as inductor would, without generating code (minutes
+Dynamo's "aot_eager" backend traces, guards and runs AOTAutograd as inductor would, without inductor's code generation (minutes
 on this CPU). Where accel decides in Python (the step hook, the controls' guidance, Triton launches) it runs eagerly,
 as graph breaks; the dense path and A-STAR's denoiser calls compile without any other.
 """
@@ -13,7 +13,7 @@ import accel
 
 CASES = [
     ("sd15-tiny", "dense", {}),
-    # raunet_switch names the switches, so RAU-Net acts at the tiny UNet's own training size
+    # a raunet_switch given by name makes RAU-Net act even at the tiny UNet's own training size
     ("sd15-tiny", "hidiffusion", {"raunet_switch": 1.0}),
     ("sd15-tiny", "agent", {}),
     ("sd15-tiny", "astar", {"tokens": ["circle", "square"]}),

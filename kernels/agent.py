@@ -139,24 +139,39 @@ def grid_pool(tokens: torch.Tensor, grid: tuple[int, ...], pooled: tuple[int, ..
     return pooled_tokens, counts.flatten().double().log().to(torch.float32)
 
 
-def destination_mask(grid: tuple[int, ...], cell: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+def destination_mask(
+    grid: tuple[int, ...], cell: tuple[int, ...], draws: torch.Tensor | torch.Generator | None
+) -> torch.Tensor:
     """``[N]`` booleans: one destination token per whole ``cell`` of the grid (random within it, or its first).
 
-    Tokens of the partial cells at the far borders are all sources, as in ToMe.
+    ``draws``: each cell's destination as an offset into the cell (row-major), for the whole cells in row-major
+    order; a longer tensor is read from its start (one draw serves every level of a UNet). A generator draws them;
+    ``None`` takes every cell's first token. Tokens of the partial cells at the far borders are all sources, as in
+    ToMe.
     """
     counts = [side // size for side, size in zip(grid, cell, strict=True)]
     cell_volume = math.prod(cell)
-    if generator is None:
+    if draws is None:
         choice = torch.zeros(counts, dtype=torch.long)
+    elif isinstance(draws, torch.Generator):
+        choice = torch.randint(cell_volume, counts, generator=draws)
     else:
-        choice = torch.randint(cell_volume, counts, generator=generator)
+        choice = draws[: math.prod(counts)].reshape(counts)
     offsets = torch.stack(torch.unravel_index(choice, cell), dim=-1)  # [*counts, ndim]
-    axes = (torch.arange(count) * size for count, size in zip(counts, cell, strict=True))
+    axes = [torch.arange(count, device=choice.device) * size for count, size in zip(counts, cell, strict=True)]
     starts = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
     coords = (starts + offsets).reshape(-1, len(grid))
-    mask = torch.zeros(grid, dtype=torch.bool)
+    mask = torch.zeros(grid, dtype=torch.bool, device=choice.device)
     mask[tuple(coords.unbind(-1))] = True
     return mask.flatten()
+
+
+def destination_split(is_dst: torch.Tensor, cell_count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dst_index, src_index)``: the positions of ``is_dst``'s ``cell_count`` destinations and of its sources, each
+    in increasing order. A stable sort instead of ``nonzero``, so the sizes are known without reading the mask
+    (under torch.compile, a graph of fixed shapes)."""
+    order = torch.argsort((~is_dst).to(torch.int8), stable=True)
+    return order[:cell_count], order[cell_count:]
 
 
 @dataclass
@@ -223,16 +238,17 @@ def bipartite_merge(
     cell: tuple[int, ...],
     removed: int,
     agent_removed: int | None = None,
-    generator: torch.Generator | None = None,
+    draws: torch.Tensor | torch.Generator | None = None,
 ) -> TokenMerge:
     """Match ``[B, N, C]`` tokens on ``grid`` (one destination per ``cell``) by cosine similarity of ``metric``.
 
-    ``removed`` / ``agent_removed`` are capped at the number of sources. The destination pattern is shared by the
-    batch (so the two halves of a classifier-free-guidance batch merge alike); the matches are per sample.
+    ``removed`` / ``agent_removed`` are capped at the number of sources. The destination pattern (``draws``, see
+    `destination_mask`) is shared by the batch (so the two halves of a classifier-free-guidance batch merge alike);
+    the matches are per sample.
     """
-    is_dst = destination_mask(grid, cell, generator).to(metric.device)
-    dst_index = is_dst.nonzero().squeeze(1)
-    src_index = (~is_dst).nonzero().squeeze(1)
+    is_dst = destination_mask(grid, cell, draws).to(metric.device)
+    cell_count = math.prod([side // size for side, size in zip(grid, cell, strict=True)])
+    dst_index, src_index = destination_split(is_dst, cell_count)
     with torch.no_grad():
         normed = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         dst = normed[:, dst_index]

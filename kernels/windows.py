@@ -1,19 +1,21 @@
 """Shifted-window attention over a 2-D token grid (HiDiffusion's MSW-MSA), as batched attention over windows.
 
-Tensors are ``[B, S, H, D]`` with ``S = h * w`` tokens in row-major order. The grid is rolled by ``-shift`` (cyclic,
-as HiDiffusion does: tokens wrapping around the border share a window, with no mask), cut into ``windows`` equal
-windows, attended window by window in one batched SDPA call, and rolled back. Sides that do not divide are padded
-at the end, and the padded keys are masked out, so any grid size works. No diffusers import.
+Tensors are ``[B, S, H, D]`` with ``S = h * w`` tokens in row-major order. The grid is shifted cyclically by
+``-shift`` (as HiDiffusion does: tokens wrapping around the border share a window, with no mask), cut into
+``windows`` equal windows, attended window by window in one batched SDPA call, and put back. Sides that do not
+divide are padded at the end, and the padded keys are masked out, so any grid size works. One index gather does the
+shift, the padding and the cut, and one puts the result back; the index tables depend only on the geometry and are
+cached. No diffusers import.
 
 On the Triton kernel (``backend="triton"``), windows that divide the grid are blocked neighborhood attention
-(kernel = stride = window) on the rolled grid: the kernel visits only the key tiles of each query tile's window and
-addresses the grid in place, so no window partition is copied; only the roll remains.
-"""
+(kernel = stride = window) on the shifted grid: the kernel visits only the key tiles of each query tile's window and
+addresses the grid in place, so no window partition is copied; only the shift remains."""
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,84 @@ def window_geometry(grid: tuple[int, int], windows: tuple[int, int]) -> tuple[tu
     size = tuple(math.ceil(side / count) for side, count in zip(grid, windows, strict=True))
     padding = tuple(s * count - side for s, count, side in zip(size, windows, grid, strict=True))
     return size, padding
+
+
+# HiDiffusion shifts its windows by 0, 1/4, 1/2 or 3/4 of a window, the same fraction on both axes.
+SHIFT_QUARTERS = 4
+
+
+def quarter_shift(grid: tuple[int, int], windows: tuple[int, int], quarter: int) -> tuple[int, int]:
+    """The cyclic shift, in tokens per axis, of ``quarter`` quarters of a window."""
+    (window_h, window_w), _ = window_geometry(grid, windows)
+    return window_h * quarter // SHIFT_QUARTERS, window_w * quarter // SHIFT_QUARTERS
+
+
+@dataclass(frozen=True)
+class WindowOrder:
+    """Where each token goes when a grid is shifted and cut into windows, for one or several shifts.
+
+    Attributes:
+        gather: ``[shifts, count * window_h * window_w]``: the token that each position of the windows (window by
+            window, row-major inside) takes; padding positions take token 0, whose keys are masked out.
+        scatter: ``[shifts, h * w]``: each token's position in that order (the inverse on real tokens).
+        valid: ``[count, window_h * window_w]`` booleans, True at real tokens; ``None`` where the windows divide the
+            grid. Padding sits at the end of each axis after the shift, so it is the same for every shift.
+    """
+
+    gather: torch.Tensor
+    scatter: torch.Tensor
+    valid: torch.Tensor | None
+
+
+def window_order(grid: tuple[int, int], windows: tuple[int, int], shifts, device) -> WindowOrder:
+    """The `WindowOrder` of ``grid`` cut into ``windows`` after each cyclic shift in ``shifts`` (by ``-shift``)."""
+    height, width = grid
+    (window_h, window_w), (pad_h, pad_w) = window_geometry(grid, windows)
+    rows, cols = torch.arange(height + pad_h), torch.arange(width + pad_w)
+    gathers, scatters = [], []
+    for shift_h, shift_w in shifts:
+        # Position (r, c) of the shifted, padded grid holds token ((r + shift_h) mod h, (c + shift_w) mod w).
+        source = ((rows + shift_h) % height)[:, None] * width + ((cols + shift_w) % width)[None, :]
+        source = source.masked_fill((rows >= height)[:, None] | (cols >= width)[None, :], 0)
+        gathers.append(_window_major(source, windows, (window_h, window_w)))
+        position = _window_major(torch.arange(source.numel()).reshape(source.shape), windows, (window_h, window_w))
+        scatter = torch.empty(height * width, dtype=torch.long)
+        real = ((rows < height)[:, None] & (cols < width)[None, :]).flatten()
+        scatter[source.flatten()[real]] = torch.argsort(position)[real]
+        scatters.append(scatter)
+    valid = None
+    if pad_h or pad_w:
+        real = (rows < height)[:, None] & (cols < width)[None, :]
+        valid = _window_major(real, windows, (window_h, window_w)).reshape(windows[0] * windows[1], -1).to(device)
+    return WindowOrder(torch.stack(gathers).to(device), torch.stack(scatters).to(device), valid)
+
+
+def _window_major(grid_values: torch.Tensor, windows, window) -> torch.Tensor:
+    """A padded ``[H, W]`` grid of values, flattened window by window (row-major inside each window)."""
+    blocks = grid_values.reshape(windows[0], window[0], windows[1], window[1]).permute(0, 2, 1, 3)
+    return blocks.reshape(-1)
+
+
+# Constant under torch.compile: Dynamo calls it while tracing and keeps the tables in the graph, instead of tracing
+# the index arithmetic into every layer's graph (a decorated lru_cache object would be traced through).
+@torch.compiler.assume_constant_result
+def quarter_window_orders(
+    grid: tuple[int, int], windows: tuple[int, int], cut: bool, device: torch.device
+) -> WindowOrder:
+    """The `WindowOrder` for HiDiffusion's four shifts (row ``q``: ``quarter_shift(grid, windows, q)``); with
+    ``cut=False`` the shifted grid stays whole, in row-major order (what the Triton route reads)."""
+    return _quarter_window_orders(grid, windows, cut, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _quarter_window_orders(grid, windows, cut, device) -> WindowOrder:
+    shifts = [quarter_shift(grid, windows, quarter) for quarter in range(SHIFT_QUARTERS)]
+    return window_order(grid, windows if cut else (1, 1), shifts, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _single_window_order(grid, windows, shift, device) -> WindowOrder:
+    return window_order(grid, windows, [shift], device)
 
 
 def shifted_window_attention(
@@ -48,90 +128,86 @@ def shifted_window_attention(
     Returns:
         ``[B, h * w, H, D]``.
     """
-    batch, tokens, heads, dim = query.shape
+    _check_geometry(query, grid, windows, backend)
+    shift = tuple(int(s) % side for s, side in zip(shift, grid, strict=True))
+    if backend == "triton":
+        order = _single_window_order(grid, (1, 1), shift, query.device)
+    else:
+        order = _single_window_order(grid, windows, shift, query.device)
+    return _attend_in_order(query, key, value, grid, windows, order, 0, backend)
+
+
+def quarter_shifted_window_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    grid: tuple[int, int],
+    windows: tuple[int, int],
+    quarter: int | torch.Tensor,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """`shifted_window_attention` shifted by ``quarter`` quarters of a window (HiDiffusion's shifts).
+
+    ``quarter`` may be a one-element long tensor on the inputs' device: under torch.compile a graph then serves every shift
+    (an int would be a constant of the graph, compiled again for each other shift).
+    """
+    _check_geometry(query, grid, windows, backend)
+    order = quarter_window_orders(grid, windows, backend != "triton", query.device)
+    return _attend_in_order(query, key, value, grid, windows, order, quarter, backend)
+
+
+def _check_geometry(query, grid, windows, backend) -> None:
     height, width = grid
-    if height * width != tokens:
-        raise ValueError(f"grid {grid} holds {height * width} tokens, the sequence has {tokens}")
+    if height * width != query.shape[1]:
+        raise ValueError(f"grid {grid} holds {height * width} tokens, the sequence has {query.shape[1]}")
     if windows[0] > height or windows[1] > width:
         raise ValueError(f"{windows[0]}x{windows[1]} windows do not fit a {height}x{width} token grid")
-    (window_h, window_w), (pad_h, pad_w) = window_geometry(grid, windows)
-    if backend == "triton":
-        return _block_sparse_windows(query, key, value, grid, (window_h, window_w), (pad_h, pad_w), shift)
-    if backend != "torch":
+    if backend not in ("torch", "triton"):
         raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+    if backend == "triton" and not windows_divide(grid, windows):
+        # Blocked GNA clamps a short last window back into the grid instead of padding it: other windows.
+        raise ValueError(
+            f"the Triton route needs windows that divide the {height}x{width} token grid (window "
+            f"{window_geometry(grid, windows)[0]}); use backend='torch', which pads"
+        )
+
+
+def _attend_in_order(query, key, value, grid, windows, order: WindowOrder, row, backend) -> torch.Tensor:
+    """Attention in the windows of ``order``'s row ``row`` (on the Triton route, ``order`` only shifts the grid)."""
+    batch, tokens, heads, _ = query.shape
+    if isinstance(row, torch.Tensor):
+        # A tensor row stays data in the graph; indexing with it as a scalar would make Dynamo read its value.
+        gather, scatter = (table.index_select(0, row.reshape(1)).squeeze(0) for table in (order.gather, order.scatter))
+    else:
+        gather, scatter = order.gather[row], order.scatter[row]
+    if backend == "triton":
+        from accel.kernels.block_sparse import block_sparse_attention
+        from accel.kernels.neighborhood import Neighborhood
+
+        # The kernel addresses each window's key tiles in place: only the shift is a copy.
+        window = window_geometry(grid, windows)[0]
+        out, _ = block_sparse_attention(
+            query.index_select(1, gather),
+            key.index_select(1, gather),
+            value.index_select(1, gather),
+            Neighborhood.create(grid, window, window),
+        )
+        return out.index_select(1, scatter)
     count = windows[0] * windows[1]
 
-    def partition(x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(batch, height, width, -1, x.shape[-1])
-        if shift != (0, 0):
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        if pad_h or pad_w:
-            x = F.pad(x, (0, 0, 0, 0, 0, pad_w, 0, pad_h))
-        x = x.reshape(batch, windows[0], window_h, windows[1], window_w, -1, x.shape[-1])
-        return x.permute(0, 1, 3, 2, 4, 5, 6).reshape(batch * count, window_h * window_w, -1, x.shape[-1])
+    def windowed(x: torch.Tensor) -> torch.Tensor:
+        # One gather shifts, pads and cuts; SDPA takes [B * count, heads, window tokens, dim].
+        return x.index_select(1, gather).reshape(batch * count, -1, heads, x.shape[-1]).transpose(1, 2)
 
-    mask = None
-    if pad_h or pad_w:
-        mask = _padding_mask(grid, windows, query.device).repeat(batch, 1)[:, None, None, :]
-
-    out = F.scaled_dot_product_attention(
-        partition(query).transpose(1, 2),
-        partition(key).transpose(1, 2),
-        partition(value).transpose(1, 2),
-        attn_mask=mask,
-    ).transpose(1, 2)
-
-    out = out.reshape(batch, windows[0], windows[1], window_h, window_w, heads, -1)
-    out = out.permute(0, 1, 3, 2, 4, 5, 6).reshape(batch, windows[0] * window_h, windows[1] * window_w, heads, -1)
-    out = out[:, :height, :width]
-    if shift != (0, 0):
-        out = torch.roll(out, shifts=shift, dims=(1, 2))
-    return out.reshape(batch, tokens, heads, -1)
+    mask = None if order.valid is None else order.valid.repeat(batch, 1)[:, None, None, :]
+    out = F.scaled_dot_product_attention(windowed(query), windowed(key), windowed(value), attn_mask=mask)
+    out = out.transpose(1, 2).reshape(batch, -1, heads, out.shape[-1])
+    return out.index_select(1, scatter)
 
 
 def windows_divide(grid: tuple[int, int], windows: tuple[int, int]) -> bool:
     """Whether ``windows`` cut ``grid`` into equal windows with no padding (what the Triton route needs)."""
     return window_geometry(grid, windows)[1] == (0, 0)
-
-
-def _block_sparse_windows(query, key, value, grid, window, padding, shift):
-    """Windows as blocked neighborhood attention on the Triton kernel, over the grid rolled by ``-shift``."""
-    from accel.kernels.block_sparse import block_sparse_attention
-    from accel.kernels.neighborhood import Neighborhood
-
-    if padding != (0, 0):
-        # Blocked GNA clamps a short last window back into the grid instead of padding it: other windows.
-        raise ValueError(
-            f"the Triton route needs windows that divide the {grid[0]}x{grid[1]} token grid (window {window}); "
-            "use backend='torch', which pads"
-        )
-    batch, tokens, heads, _ = query.shape
-
-    def rolled(tensor, by):
-        if by == (0, 0):
-            return tensor
-        grid_view = tensor.reshape(batch, *grid, heads, tensor.shape[-1])
-        return torch.roll(grid_view, shifts=by, dims=(1, 2)).reshape(batch, tokens, heads, tensor.shape[-1])
-
-    into_windows = (-shift[0], -shift[1])
-    blocked = Neighborhood.create(grid, window, window)
-    out, _ = block_sparse_attention(
-        rolled(query, into_windows), rolled(key, into_windows), rolled(value, into_windows), blocked
-    )
-    return rolled(out, shift)
-
-
-@functools.lru_cache(maxsize=64)
-def _padding_mask(grid: tuple[int, int], windows: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """``[count, window_h * window_w]`` booleans, True where a window position holds a real token.
-
-    It depends only on the geometry, so it is built once per (grid, windows, device), not per layer and step.
-    Padding sits at the end of each axis after the roll, so only the last windows hold padded positions.
-    """
-    (window_h, window_w), (pad_h, pad_w) = window_geometry(grid, windows)
-    valid = F.pad(torch.ones(grid, device=device), (0, pad_w, 0, pad_h)) > 0
-    valid = valid.reshape(windows[0], window_h, windows[1], window_w)
-    return valid.permute(0, 2, 1, 3).reshape(windows[0] * windows[1], window_h * window_w)
 
 
 def shifted_window_attention_reference(query, key, value, grid, windows, shift=(0, 0)) -> torch.Tensor:

@@ -84,10 +84,9 @@ class RAUNetState(PerThreadOwner):
         self.switches = switches
         self._per_thread = threading.local()
 
-    def begin_forward(self) -> None:
-        """Decide once per denoiser call which stages run (``conv_in`` calls this before any other RAU-Net hook)."""
-        self.skip_sizes = []
-        self.pooled_from.clear()
+    def prepare_step(self, device, inputs: dict) -> None:
+        """Decide which stages run in this denoiser call (the step hook calls this before the call, outside any
+        compiled graph, which then reads two booleans instead of the schedule's position)."""
         step, layout = self.context.step, self.context.layout
         if step is None or layout is None:
             self.stages = (False, False)
@@ -113,6 +112,11 @@ class RAUNetState(PerThreadOwner):
                 "only MSW-MSA acts (RAU-Net shapes the layout in the early, noisy steps)",
                 "raunet_switch",
             )
+
+    def begin_forward(self) -> None:
+        """Start a denoiser call's bookkeeping (``conv_in`` calls this before any other RAU-Net hook)."""
+        self.skip_sizes = []
+        self.pooled_from.clear()
 
     def active(self, stage: int) -> bool:
         return self.stages[stage - 1]

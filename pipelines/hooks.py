@@ -66,7 +66,24 @@ class StepStateHook(ModelHook):
         step = None if timestep is None else self._step_state(timestep, pipeline)
         schedule = getattr(getattr(pipeline, "scheduler", None), "timesteps", None)
         self.context.enter(step, caller=None if pipeline is None else id(pipeline), schedule=schedule)
+        self._prepare_step(inputs)
         return args, kwargs
+
+    def _prepare_step(self, inputs: dict[str, Any]) -> None:
+        """Let the patch's processors and hooks turn this call's step and inputs (``prepare_step(device, inputs)``,
+        the denoiser's arguments by name) into what their compiled code reads.
+
+        Under torch.compile a Python value read from the step (a progress, a step index, a random shift) becomes a
+        guard, and the denoiser would recompile at every step; decisions (a phase, a stage) change a few times per
+        generation, and per-step draws are handed over as tensors.
+        """
+        owners = [processor for _, _, processor in self.installed] + self.context.companions
+        preparers = [owner.prepare_step for owner in owners if hasattr(owner, "prepare_step")]
+        if preparers:
+            # The latents' device, not the parameters': with sequential CPU offload those are elsewhere until used.
+            device = next(value.device for value in inputs.values() if isinstance(value, torch.Tensor))
+            for prepare in preparers:
+                prepare(device, inputs)
 
     def _check_processors(self) -> None:
         replaced = [

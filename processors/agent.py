@@ -8,6 +8,7 @@ layer's ``to_q`` (and ``norm_q``), so they are pooled queries, as in AgentSD.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from dataclasses import dataclass
 
@@ -50,7 +51,20 @@ class _AgentSchedule:
         super().__init__(context=context, layer=layer)
         self.settings = settings
 
+    def prepare_step(self, device: torch.device, inputs: dict) -> None:
+        """Decide this call's phase before the denoiser runs (called by the step hook, outside any compiled graph,
+        which then reads a boolean instead of the schedule's position)."""
+        self.context.scratch[self._phase_key] = self._decide_phase()
+
+    @property
+    def _phase_key(self) -> tuple[str, str]:
+        return ("agent phase", self.layer)
+
     def _agent_phase(self) -> bool:
+        decided = self.context.scratch.get(self._phase_key) if self.context is not None else None
+        return self._decide_phase() if decided is None else decided
+
+    def _decide_phase(self) -> bool:
         step = self.context.step if self.context is not None else None
         # Without a recorded step (a bare call outside any pipeline) the layer behaves as at the schedule's start.
         progress = 0.0 if step is None else step.progress
@@ -128,7 +142,7 @@ class AgentAttnProcessor(_AgentSchedule, PerThreadOwner, DenseAttnProcessor):
                 cell,
                 removed=int(merge_ratio * tokens) if merging else 0,
                 agent_removed=tokens - round(settings.agent_ratio * tokens) if agents_wanted else None,
-                generator=self._generator(),
+                draws=self._destination_draws(grid),
             )
         merged = matching.merge(hidden_states) if merging else hidden_states
         agents = None
@@ -159,19 +173,47 @@ class AgentAttnProcessor(_AgentSchedule, PerThreadOwner, DenseAttnProcessor):
             query, key, value, agents, scale=scale, agent_scale=agent_scale, shortcut=self.settings.shortcut
         )
 
-    def _generator(self) -> torch.Generator | None:
+    def prepare_step(self, device: torch.device, inputs: dict) -> None:
+        super().prepare_step(device, inputs)
+        layout = self.context.layout
+        if self.settings.seed is None or layout is None or layout.grid is None:
+            return
+        # Drawn for the latent's grid, the largest any level has: a level reads the start, as it would draw itself.
+        cell = self.settings.cell if self.context.scratch[self._phase_key] else self.settings.late_cell
+        self.context.scratch[self._draws_key] = (layout.grid, cell, self._draw(layout.grid, cell).to(device))
+
+    @property
+    def _draws_key(self) -> tuple[str, str]:
+        return ("agent destinations", self.layer)
+
+    def _destination_draws(self, grid: tuple[int, ...]) -> torch.Tensor | None:
+        """This step's random destination of each cell (see `destination_mask`); ``None`` without a seed."""
         if self.settings.seed is None:
             return None
+        cell = self.settings.cell if self._agent_phase() else self.settings.late_cell
+        prepared = self.context.scratch.get(self._draws_key)
+        if (
+            prepared is not None
+            and prepared[1] == cell
+            and all(side <= full for side, full in zip(grid, prepared[0], strict=True))
+        ):
+            return prepared[2]
+        return self._draw(grid, cell)  # called outside the step hook (a processor driven by hand)
+
+    def _draw(self, grid: tuple[int, ...], cell: tuple[int, ...]) -> torch.Tensor:
         step = self.context.step
         position = -1 if step is None else step.step_index if step.step_index is not None else round(step.timestep)
         digest = hashlib.blake2b(f"{self.settings.seed}/{position}/{self.layer}".encode(), digest_size=8).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        cells = math.prod([side // size for side, size in zip(grid, cell, strict=True)])
+        return torch.randint(math.prod(cell), (cells,), generator=generator)
 
 
 class _AgentJointAttend(_AgentSchedule, JointVisualAttend):
     """Grid-pooled agents for the visual queries of FLUX / HunyuanVideo joint attention; text stays exact."""
 
     method = "agent"
+    plans_from_data = False  # pooling and two SDPA calls: traced whole
 
     def _visual_plan(self, call: AttentionCall):
         if not self._agent_phase():

@@ -37,7 +37,6 @@ class AttentionCall:
     """How the tokens of one attention product are arranged.
 
     Attributes:
-        layer (`str`): Name of the attention module in the denoiser (``""`` when unknown).
         kind (`str`): ``"self"`` (visual tokens attend to themselves), ``"cross"`` (visual queries, text keys) or
             ``"joint"`` (one sequence holding text and visual tokens, FLUX / HunyuanVideo).
         visual_tokens (`int`): Number of visual tokens in the query sequence.
@@ -45,7 +44,6 @@ class AttentionCall:
         text_first (`bool`): For ``"joint"``: whether text tokens come before the visual ones.
     """
 
-    layer: str
     kind: str
     visual_tokens: int
     text_tokens: int = 0
@@ -131,7 +129,6 @@ class DenseAttentionProcessorBase(metaclass=_ProcessorType):
     def _attend_joint(self, query, key, value, attention_mask, text_tokens: int, text_first: bool) -> torch.Tensor:
         """``attend`` on a sequence holding text and visual tokens; returns ``[B, S, H * D]``."""
         call = AttentionCall(
-            layer=self.layer,
             kind="joint",
             visual_tokens=query.shape[1] - text_tokens,
             text_tokens=text_tokens,
@@ -190,7 +187,6 @@ class DenseAttnProcessor(DenseAttentionProcessorBase):
             key = attn.norm_k(key)
 
         call = AttentionCall(
-            layer=self.layer,
             kind="cross" if is_cross else "self",
             visual_tokens=query.shape[1],
             text_tokens=key_length if is_cross else 0,

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 
+import torch
 from diffusers.utils import logging
 
 from accel.kernels.reference import gradients_tracked
-from accel.kernels.windows import shifted_window_attention, windows_divide
+from accel.kernels.windows import SHIFT_QUARTERS, quarter_shifted_window_attention, windows_divide
 from accel.processors.dense import AttentionCall, DenseAttnProcessor, resolve_kernel_backend
 from accel.processors.state import PatchContext
 
@@ -67,7 +68,7 @@ class MSWMSAAttnProcessor(DenseAttnProcessor):
                     "grid, so its padded windows run on SDPA instead of the Triton kernel"
                 )
             backend = "torch"
-        return shifted_window_attention(query, key, value, grid, windows, self._shift(grid, windows), backend)
+        return quarter_shifted_window_attention(query, key, value, grid, windows, self._quarter(), backend)
 
     def _fitting_windows(self, grid: tuple[int, int]) -> tuple[int, int]:
         if self.window_size is not None:
@@ -86,9 +87,27 @@ class MSWMSAAttnProcessor(DenseAttnProcessor):
             )
         return fitted
 
-    def _shift(self, grid: tuple[int, int], windows: tuple[int, int]) -> tuple[int, int]:
+    def prepare_step(self, device: torch.device, inputs: dict) -> None:
+        """Draw this step's shift before the denoiser runs (called by the step hook, outside any compiled graph)."""
         if self.shift == "none":
-            return (0, 0)
+            return
+        quarter = self._draw_quarter()
+        self.context.scratch[self._scratch_key] = (quarter, torch.tensor([quarter], device=device))
+
+    @property
+    def _scratch_key(self) -> tuple[str, int]:
+        return ("mswmsa shift", self.layer_index)
+
+    def _quarter(self) -> int | torch.Tensor:
+        """This step's shift in quarters of a window: a tensor under torch.compile, so one graph serves every step."""
+        if self.shift == "none":
+            return 0
+        drawn = self.context.scratch.get(self._scratch_key)
+        if drawn is None:  # called outside the step hook (a processor driven by hand)
+            return self._draw_quarter()
+        return drawn[1] if torch.compiler.is_compiling() else drawn[0]
+
+    def _draw_quarter(self) -> int:
         step = self.context.step
         if step is None:
             position = -1
@@ -99,6 +118,4 @@ class MSWMSAAttnProcessor(DenseAttnProcessor):
         # A mixing hash: CRC32 is linear, so changing the seed XORs every draw with one constant and can leave all
         # the quarters unchanged.
         digest = hashlib.blake2b(f"{self.shift_seed}/{position}/{self.layer_index}".encode(), digest_size=8).digest()
-        quarter = digest[0] % 4
-        sizes = [-(-side // count) for side, count in zip(grid, windows, strict=True)]
-        return tuple(size * quarter // 4 for size in sizes)
+        return digest[0] % SHIFT_QUARTERS

@@ -30,6 +30,8 @@ class JointVisualAttend:
     dense_steps = 0  # the first denoising steps run dense
     backend = "auto"  # "auto", "torch", "triton" or "reference" (what each method offers)
     _warned_no_schedule = False
+    # Whether `_visual_attention` reads its plan from data in Python (see `_eager_joint_attend`).
+    plans_from_data = True
 
     # Key of the per-call text padding mask in the patch context's scratch space (shared by a call's layers).
     _TEXT_MASK_KEY = "joint_text_mask"
@@ -43,6 +45,11 @@ class JointVisualAttend:
         raise NotImplementedError
 
     def attend(self, query, key, value, attention_mask, call: AttentionCall):
+        if self.plans_from_data:
+            return self._eager_joint_attend(query, key, value, attention_mask, call)
+        return self._joint_attend(query, key, value, attention_mask, call)
+
+    def _joint_attend(self, query, key, value, attention_mask, call: AttentionCall):
         if call.kind == "joint" and self._parallel_config is not None:
             ulysses = ulysses_group(self._parallel_config, self.method)
             if ulysses is not None:
@@ -70,6 +77,11 @@ class JointVisualAttend:
         text_out = super().attend(query[:, text_part], key, value, attention_mask, call)
         parts = [text_out, visual_out] if call.text_first else [visual_out, text_out]
         return torch.cat([part.to(query.dtype) for part in parts], dim=1)
+
+    # Under torch.compile, where ``plans_from_data``, the attention itself runs eagerly, one graph break per layer
+    # (the projections around it are compiled): its plans (tiles, selected blocks, the text mask's "all kept" test)
+    # are read from data into Python, and Triton launches are not traced.
+    _eager_joint_attend = torch.compiler.disable(_joint_attend)
 
     def _backend_for(self, device: torch.device, tracked: bool = False) -> str:
         return resolve_kernel_backend(self.method, self.backend, device, tracked, self.context)

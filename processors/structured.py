@@ -17,6 +17,9 @@ from accel.processors.dense import DenseAttnProcessor
 
 logger = logging.get_logger(__name__)
 
+# Scratch key of the call's ((text input, encoded prompt, foreign call), whether the two match), shared by the layers.
+_MATCH_KEY = "structured text match"
+
 
 @dataclass
 class StructuredValues:
@@ -34,18 +37,38 @@ class StructuredAttnProcessor(DenseAttnProcessor):
         super().__init__(context=context, layer=layer)
         self.shared = shared
 
+    def prepare_step(self, device: torch.device, inputs: dict) -> None:
+        """Compare the call's text with the encoded prompt once per call, before the denoiser runs (called by the step
+        hook, outside any compiled graph, which then reads a boolean instead of comparing tensors in every layer)."""
+        text = inputs.get("encoder_hidden_states")
+        if not isinstance(text, torch.Tensor):
+            return
+        # The patch's first layer compares; the others find the same call's facts and take its answer.
+        facts = (text, self.shared.prompt_embeds, self.context.foreign_call)
+        decided = self.context.scratch.get(_MATCH_KEY)
+        if decided is None or any(old is not new for old, new in zip(decided[0], facts, strict=True)):
+            self.context.scratch[_MATCH_KEY] = (facts, self._text_matches(text))
+
+    def _text_matches(self, context: torch.Tensor) -> bool:
+        prompt_embeds = self.shared.prompt_embeds
+        batch = 0 if prompt_embeds is None else prompt_embeds.shape[0]
+        conditional = context[-batch:]
+        return bool(
+            batch
+            and not (self.context is not None and self.context.foreign_call)
+            and conditional.shape == prompt_embeds.shape
+            and torch.equal(conditional, prompt_embeds.to(context))
+        )
+
     def _value_context(self, context: torch.Tensor, is_cross: bool) -> torch.Tensor:
         prompt_embeds, values = self.shared.prompt_embeds, self.shared.values
         if not is_cross:
             return context
         batch = 0 if prompt_embeds is None else prompt_embeds.shape[0]
-        conditional = context[-batch:]
-        if (
-            not batch
-            or (self.context is not None and self.context.foreign_call)
-            or conditional.shape != prompt_embeds.shape
-            or not torch.equal(conditional, prompt_embeds.to(context))
-        ):
+        decided = self.context.scratch.get(_MATCH_KEY) if self.context is not None else None
+        # The step hook compared the denoiser's text input; a layer that receives other text compares its own.
+        matches = decided[1] if decided is not None and decided[0][0] is context else self._text_matches(context)
+        if not matches:
             # Not its pipeline's call, or not the text it encoded: exact attention, and the user is told once.
             if not self.shared.warned_unmatched:
                 logger.warning(

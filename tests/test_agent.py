@@ -141,7 +141,7 @@ def test_token_merging_matches_brute_force(grid, cell, removed):
     generator = torch.Generator().manual_seed(1)
     metric = torch.randn(2, math.prod(grid), 6, generator=generator)
     tokens = torch.randn(2, math.prod(grid), 4, generator=generator)
-    matching = bipartite_merge(metric, grid, cell, removed, generator=torch.Generator().manual_seed(5))
+    matching = bipartite_merge(metric, grid, cell, removed, draws=torch.Generator().manual_seed(5))
     merged = matching.merge(tokens)
     expected = _brute_force_merge(metric, tokens, grid, cell, removed, 5)
     for b, (rows, _, moved, groups) in enumerate(expected):
@@ -158,7 +158,7 @@ def test_token_merging_matches_brute_force(grid, cell, removed):
 def test_agents_are_destinations_averaged_with_all_their_matches():
     grid, cell = (8, 8), (4, 4)
     metric = torch.randn(1, 64, 5, generator=torch.Generator().manual_seed(2))
-    matching = bipartite_merge(metric, grid, cell, removed=10, agent_removed=64 - 4, generator=None)
+    matching = bipartite_merge(metric, grid, cell, removed=10, agent_removed=64 - 4, draws=None)
     agents = matching.agents(metric)
     # Every source merged: one agent per cell, its (corner) destination averaged with the sources that chose it.
     normed = metric[0] / metric[0].norm(dim=-1, keepdim=True)
@@ -289,7 +289,7 @@ def test_dit_processor_matches_agent_attention_written_out(processor_class, fami
     key_mask = torch.ones(2, visual + text, dtype=torch.bool)
     if padded:
         key_mask[0, -padded:] = False  # HunyuanVideo pads the first prompt's text (last in its sequence)
-    call = AttentionCall(layer="layer", kind="joint", visual_tokens=visual, text_tokens=text, text_first=text_first)
+    call = AttentionCall(kind="joint", visual_tokens=visual, text_tokens=text, text_first=text_first)
     with torch.no_grad():
         ours = processor.attend(query, key, value, key_mask[:, None, None] if padded else None, call)
     expected = _joint_agent_reference(query, key, value, grid, pooled_grid(grid, ratio), text, text_first, key_mask)

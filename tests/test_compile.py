@@ -1,8 +1,9 @@
 """accel.patch, then torch.compile: the order accel's refusal of a compiled denoiser names must work for every method.
 
 Dynamo's "aot_eager" backend traces, guards and runs AOTAutograd as inductor would, without inductor's code generation (minutes
-on this CPU). Where accel decides in Python (the step hook, the controls' guidance, Triton launches) it runs eagerly,
-as graph breaks; the dense path and A-STAR's denoiser calls compile without any other.
+on this CPU). Where accel decides in Python (the step hook, the controls' guidance, GNA's and VMoBA's plans and Triton
+launches) it runs eagerly, as graph breaks of its own; per-step facts (RAU-Net's stage, MSW-MSA's shifts, the agent
+phase and its random destinations) are prepared by the step hook, so the UNet methods compile to one graph per phase.
 """
 
 import pytest
@@ -25,9 +26,16 @@ CASES = [
     ("hunyuanvideo-tiny", "dense", {}),
     ("hunyuanvideo-tiny", "vmoba", {}),
 ]
-ONLY_ACCELS_OWN_BREAKS = {
+# Where the tiny default size is one VMoBA block (dense), a size that makes the layers sparse.
+SIZES = {("hunyuanvideo-tiny", "vmoba"): {"height": 384, "width": 384}}
+# Cases whose denoiser body compiles whole, one graph per phase: only the hooks' eager parts before it break the graph
+# (the step hook; A-STAR's guided passes).
+ONE_GRAPH = {
     ("sd15-tiny", "dense"),
+    ("sd15-tiny", "hidiffusion"),
+    ("sd15-tiny", "agent"),
     ("sd15-tiny", "astar"),
+    ("sd15-tiny", "structured"),
     ("flux-tiny", "dense"),
     ("flux-tiny", "astar"),
     ("hunyuanvideo-tiny", "dense"),
@@ -52,20 +60,49 @@ def fresh_dynamo():
 def test_a_patched_then_compiled_pipeline_matches_the_patched_one(tiny_pipelines, name, method, options, fresh_dynamo):
     pipeline = tiny_pipelines[name]
     accel.patch(pipeline, method, **options)
-    patched = generate(pipeline, name, steps=2)
+    size = SIZES.get((name, method), {})
+    patched = generate(pipeline, name, steps=2, **size)
     attribute = _denoiser_name(pipeline)
     denoiser = getattr(pipeline, attribute)
     setattr(pipeline, attribute, torch.compile(denoiser, backend="aot_eager"))
     try:
-        compiled = generate(pipeline, name, steps=2)
+        compiled = generate(pipeline, name, steps=2, **size)
     finally:
         setattr(pipeline, attribute, denoiser)
         accel.unpatch(pipeline)
     assert fresh_dynamo["stats"]["unique_graphs"] > 0
     torch.testing.assert_close(compiled, patched, atol=1e-5, rtol=0)
-    if (name, method) in ONLY_ACCELS_OWN_BREAKS:
-        reasons = [reason.splitlines()[0] for reason in fresh_dynamo["graph_break"]]
-        assert reasons and all("torch.compiler.disable" in reason for reason in reasons), reasons
+    # Every break is one accel placed on purpose (GNA and VMoBA: their sparse attention, once per layer).
+    reasons = [reason.splitlines()[0] for reason in fresh_dynamo["graph_break"]]
+    assert reasons and all("torch.compiler.disable" in reason for reason in reasons), reasons
+    if (name, method) in ONE_GRAPH:
+        # Only the hooks' eager parts before the body break the graph, never a layer.
+        inside = [reason for reason in fresh_dynamo["graph_break"] if "Hook." not in reason]
+        assert not inside, inside
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        # RAU-Net's stage changes at half the schedule; MSW-MSA's shifts change at every step.
+        ("hidiffusion", {"raunet_switch": 0.5}),
+        # The agent phase changes at half the schedule; the merge's random destinations change at every step.
+        ("agent", {"agent_steps": 0.5}),
+    ],
+)
+def test_per_step_settings_compile_once_per_phase_not_once_per_step(tiny_pipelines, method, options, fresh_dynamo):
+    # A value read from the step inside the graph would be a guard: a new graph at every step, until Dynamo's
+    # recompile limit (8) sends the denoiser back to eager.
+    pipe = tiny_pipelines["sd15-tiny"]
+    accel.patch(pipe, method, **options)
+    unet = pipe.unet
+    pipe.unet = torch.compile(unet, backend="eager")
+    try:
+        generate(pipe, "sd15-tiny", steps=6)
+    finally:
+        pipe.unet = unet
+        accel.unpatch(pipe)
+    assert fresh_dynamo["stats"]["unique_graphs"] == 2
 
 
 def test_unpatch_through_the_compiled_wrapper_restores_the_compiled_pipeline(tiny_pipelines, fresh_dynamo):
@@ -91,3 +128,26 @@ def test_the_triton_entry_points_run_eagerly_under_compile():
 
     for entry in (block_sparse.block_sparse_attention, block_sparse.block_select_attention):
         assert getattr(entry, "_torchdynamo_disable", False), entry.__name__
+
+
+@pytest.mark.parametrize(("name", "method"), [("flux-tiny", "gna"), ("hunyuanvideo-tiny", "vmoba")])
+def test_eager_attention_islands_do_not_recompile_per_layer(tiny_pipelines, name, method, fresh_dynamo, caplog):
+    # GNA and VMoBA break the graph at each layer; the code after a break is compiled once for all layers (double and
+    # single blocks differ), not once per layer, which past Dynamo's recompile limit (8) would run eagerly on real
+    # models with dozens of layers. A limit of 2 stands in for it on the tiny ones (2 + 3 layers).
+    pipeline = tiny_pipelines[name]
+    accel.patch(pipeline, method)
+    transformer = pipeline.transformer
+    pipeline.transformer = torch.compile(transformer, backend="eager")
+    try:
+        with (
+            torch._dynamo.config.patch(recompile_limit=2),
+            caplog.at_level("WARNING", logger="torch._dynamo"),
+        ):
+            generate(pipeline, name, steps=2, **SIZES.get((name, method), {}))
+    finally:
+        pipeline.transformer = transformer
+        accel.unpatch(pipeline)
+    layer_breaks = [reason for reason in fresh_dynamo["graph_break"] if "_joint_attend" in reason]
+    assert layer_breaks  # the islands are there
+    assert "recompile_limit" not in caplog.text

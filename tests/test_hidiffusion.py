@@ -8,7 +8,7 @@ import torch
 from helpers import controlnet_pipeline, model_fingerprint
 
 import accel
-from accel.kernels.windows import shifted_window_attention, shifted_window_attention_reference
+from accel.kernels.windows import quarter_shift, shifted_window_attention, shifted_window_attention_reference
 
 
 @pytest.mark.parametrize(
@@ -263,15 +263,16 @@ def test_windows_follow_a_non_square_grid_in_the_pipeline(sd, monkeypatch):
     # grid the right way round (rows, cols) on a non-square image, with tokens in row-major order.
     import accel.processors.hidiffusion as window_module
 
-    windowed, calls = window_module.shifted_window_attention, []
+    windowed, calls = window_module.quarter_shifted_window_attention, []
 
-    def checked(query, key, value, grid, windows, shift, backend):
-        out = windowed(query, key, value, grid, windows, shift, backend)
+    def checked(query, key, value, grid, windows, quarter, backend):
+        out = windowed(query, key, value, grid, windows, quarter, backend)
+        shift = quarter_shift(grid, windows, int(quarter))
         reference = shifted_window_attention_reference(query, key, value, grid, windows, shift)
         calls.append((grid, windows, shift, (out - reference).abs().max().item()))
         return out
 
-    monkeypatch.setattr(window_module, "shifted_window_attention", checked)
+    monkeypatch.setattr(window_module, "quarter_shifted_window_attention", checked)
     height, width = 128, 192
     with accel.patched(sd, "hidiffusion", raunet=False, backend="torch"):
         generate(sd, (height, width), steps=2)

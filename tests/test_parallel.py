@@ -43,7 +43,7 @@ def _torchrun(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("text_first", [True, False])
 def test_model_order_undoes_the_rank_chunks(text_first):
     # Two ranks, each with 2 text and 3 visual tokens; after the exchange: rank 0's then rank 1's.
-    call = AttentionCall(layer="x", kind="joint", visual_tokens=3, text_tokens=2, text_first=text_first)
+    call = AttentionCall(kind="joint", visual_tokens=3, text_tokens=2, text_first=text_first)
     local = ["t0", "t1", "v0", "v1", "v2"] if text_first else ["v0", "v1", "v2", "t0", "t1"]
     chunked = [f"{token}@{rank}" for rank in range(2) for token in local]
     ordered = [chunked[i] for i in model_order(call, 2, torch.device("cpu")).tolist()]

@@ -27,7 +27,9 @@ def probe():
         class Probe(base):
             def attend(self, query, key, value, attention_mask, call):
                 step, layout = self.context.step, self.context.layout
-                records.append({"call": call, "step": step, "layout": layout, "batch": query.shape[0]})
+                records.append(
+                    {"call": call, "layer": self.layer, "step": step, "layout": layout, "batch": query.shape[0]}
+                )
                 return super().attend(query, key, value, attention_mask, call)
 
         return Probe
@@ -77,7 +79,7 @@ def test_unet_level_grids_and_call_kinds(tiny_pipelines, probe):
         grid = record["layout"].level_grid(call.visual_tokens)
         assert math.prod(grid) == call.visual_tokens
         grids.add(grid)
-        assert call.kind == ("self" if call.layer.endswith("attn1") else "cross")
+        assert call.kind == ("self" if record["layer"].endswith("attn1") else "cross")
         if call.kind == "cross":
             assert call.text_tokens == pipe.tokenizer.model_max_length
     # 9x5 latent halves with ceil at each down-sampling: odd sides must not break level detection.
@@ -127,7 +129,7 @@ def test_flux_layout_and_timesteps(tiny_pipelines, probe):
     for record in probe:
         call = record["call"]
         assert call.kind == "joint" and call.text_first
-        assert (call.visual_tokens, call.text_tokens) == (math.prod(grid), text), call.layer
+        assert (call.visual_tokens, call.text_tokens) == (math.prod(grid), text), record["layer"]
     # The transformer receives t / 1000; the hook reports scheduler units.
     expected = [(i, pytest.approx(float(t), rel=1e-5)) for i, t in enumerate(pipe.scheduler.timesteps.tolist())]
     assert scheduler_steps(pipe, probe) == expected

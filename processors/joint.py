@@ -8,7 +8,9 @@ sequence, exactly as dense.
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 
 import torch
 from diffusers.utils import logging
@@ -22,6 +24,11 @@ logger = logging.get_logger(__name__)
 # The largest explicit score matrix backend="reference" may build (see `_check_reference_size`).
 REFERENCE_BYTES_LIMIT = 4 * 2**30
 
+# Processors whose attention a compiled graph calls through `joint_attention_op`, by a key of their own (an id could
+# be reused by a later object).
+_OPAQUE_ATTENTION: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_OPAQUE_KEYS = itertools.count()
+
 
 class JointVisualAttend:
     """Mixed in before a dense FLUX / HunyuanVideo processor; subclasses define the two hooks below."""
@@ -30,11 +37,17 @@ class JointVisualAttend:
     dense_steps = 0  # the first denoising steps run dense
     backend = "auto"  # "auto", "torch", "triton" or "reference" (what each method offers)
     _warned_no_schedule = False
-    # Whether `_visual_attention` reads its plan from data in Python (see `_eager_joint_attend`).
+    # Whether `_visual_attention` reads its plan from data in Python (then compiled graphs call it opaquely, see
+    # `attend`).
     plans_from_data = True
 
     # Key of the per-call text padding mask in the patch context's scratch space (shared by a call's layers).
     _TEXT_MASK_KEY = "joint_text_mask"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._opaque_key = next(_OPAQUE_KEYS)
+        _OPAQUE_ATTENTION[self._opaque_key] = self
 
     def _visual_plan(self, call: AttentionCall):
         """What `_visual_attention` needs for this call, or ``None`` to run it dense."""
@@ -45,8 +58,21 @@ class JointVisualAttend:
         raise NotImplementedError
 
     def attend(self, query, key, value, attention_mask, call: AttentionCall):
-        if self.plans_from_data:
-            return self._eager_joint_attend(query, key, value, attention_mask, call)
+        if self.plans_from_data and torch.compiler.is_compiling():
+            # Its plans (tiles, selected blocks, the text mask's "all kept" test) are read from data into Python and
+            # its Triton launches are not traceable: to the graph the attention is one opaque operator, which runs
+            # this processor eagerly, so the denoiser stays one graph.
+            return torch.ops.accel.joint_attention(
+                query,
+                key,
+                value,
+                attention_mask,
+                self._opaque_key,
+                call.kind,
+                call.visual_tokens,
+                call.text_tokens,
+                call.text_first,
+            )
         return self._joint_attend(query, key, value, attention_mask, call)
 
     def _joint_attend(self, query, key, value, attention_mask, call: AttentionCall):
@@ -77,11 +103,6 @@ class JointVisualAttend:
         text_out = super().attend(query[:, text_part], key, value, attention_mask, call)
         parts = [text_out, visual_out] if call.text_first else [visual_out, text_out]
         return torch.cat([part.to(query.dtype) for part in parts], dim=1)
-
-    # Under torch.compile, where ``plans_from_data``, the attention itself runs eagerly, one graph break per layer
-    # (the projections around it are compiled): its plans (tiles, selected blocks, the text mask's "all kept" test)
-    # are read from data into Python, and Triton launches are not traced.
-    _eager_joint_attend = torch.compiler.disable(_joint_attend)
 
     def _backend_for(self, device: torch.device, tracked: bool = False) -> str:
         return resolve_kernel_backend(self.method, self.backend, device, tracked, self.context)
@@ -146,6 +167,46 @@ class JointVisualAttend:
         if self.context is not None:
             self.context.scratch[self._TEXT_MASK_KEY] = (attention_mask, text_mask)
         return text_mask
+
+
+@torch.library.custom_op("accel::joint_attention", mutates_args=())
+def joint_attention_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    processor: int,
+    kind: str,
+    visual_tokens: int,
+    text_tokens: int,
+    text_first: bool,
+) -> torch.Tensor:
+    """A `JointVisualAttend` processor's attention (``processor``: its key), run eagerly inside a compiled graph."""
+    owner = _OPAQUE_ATTENTION.get(processor)
+    if owner is None:
+        raise RuntimeError(
+            "accel: a compiled graph called the attention of a processor that no longer exists (its patch was undone "
+            "and the processor freed); compile the denoiser again"
+        )
+    call = AttentionCall(kind=kind, visual_tokens=visual_tokens, text_tokens=text_tokens, text_first=text_first)
+    out = owner._joint_attend(query, key, value, attention_mask, call)
+    # The compiled graph was planned with the fake's layout and dtype.
+    return out.to(query.dtype).contiguous()
+
+
+@joint_attention_op.register_fake
+def _(query, key, value, attention_mask, processor, kind, visual_tokens, text_tokens, text_first):
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+def _refuse_backward(ctx, grad):
+    raise RuntimeError(
+        "accel: GNA / VMoBA under torch.compile are for inference; differentiate through them uncompiled (A-STAR's "
+        "guided passes already run uncompiled)"
+    )
+
+
+joint_attention_op.register_autograd(_refuse_backward)
 
 
 def key_padding_mask(attention_mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor:

@@ -43,6 +43,19 @@ def test_attention_sweep_quick(tmp_path):
     assert (tmp_path / "speedup.png").stat().st_size > 0
 
 
+def test_compile_quick(tmp_path):
+    result = _run("compile.py", "--quick", "--models", "sd15-tiny", "--methods", "hidiffusion", out=tmp_path)
+    assert [r["method"] for r in result["rows"]] == ["unpatched", "hidiffusion"]
+    unpatched, patched = result["rows"]
+    # The unpatched UNet compiles whole; the patched one breaks only at accel's step hook, before its body.
+    assert (unpatched["graphs"], unpatched["graph_breaks"]) == (1, 0)
+    assert patched["graphs"] >= 1 and patched["graph_breaks"] >= 1
+    for row in result["rows"]:
+        assert row["finite"] and row["max_abs_drift"] < 1e-4
+        assert row["compiled_speedup"] == pytest.approx(unpatched["eager_s"] / row["compiled_s"])
+    assert (tmp_path / "speedup.png").stat().st_size > 0
+
+
 def test_pipeline_quick(tmp_path):
     result = _run("pipeline.py", "--quick", out=tmp_path)
     sides = {(r["model"], r["side"]) for r in result["rows"]}

@@ -161,7 +161,7 @@ def _plot(result: dict, path) -> None:
         (f"compiled ({result['backend']})", [r["compiled_speedup"] for r in result["rows"]]),
     ]
     title = (
-        f"denoising loop on {result['device']}, {result['dtype']}, {result['steps']} steps; "
+        f"denoising loop on {result['device']}, {result['dtype']}, {result['steps']} steps, {result['backend']}\n"
         f"baseline: {result['baseline']}"
     )
     plot_speedups(path, labels, bars, title)

@@ -48,6 +48,7 @@ class MSWMSAAttnProcessor(DenseAttnProcessor):
         self.backend = backend
         self._warned_grids: set[tuple[int, int]] = set()
         self._warned_padded: set[tuple[int, int]] = set()
+        self._quarter_tensors_by_device: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def attend(self, query, key, value, attention_mask, call: AttentionCall):
         if call.kind != "self" or attention_mask is not None:
@@ -92,7 +93,16 @@ class MSWMSAAttnProcessor(DenseAttnProcessor):
         if self.shift == "none":
             return
         quarter = self._draw_quarter()
-        self.context.scratch[self._scratch_key] = (quarter, torch.tensor([quarter], device=device))
+        self.context.scratch[self._scratch_key] = (quarter, self._quarter_tensors(device)[quarter])
+
+    def _quarter_tensors(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        # Made once per device, not per step (each a host-to-device copy on a GPU), and per layer: layers holding the
+        # same tensor would make Dynamo guard on which ones alias, and recompile as the shifts change.
+        tensors = self._quarter_tensors_by_device.get(device)
+        if tensors is None:
+            tensors = tuple(torch.tensor([quarter], device=device) for quarter in range(SHIFT_QUARTERS))
+            self._quarter_tensors_by_device[device] = tensors
+        return tensors
 
     @property
     def _scratch_key(self) -> tuple[str, int]:

@@ -59,22 +59,23 @@ def window_order(grid: tuple[int, int], windows: tuple[int, int], shifts, device
     """The `WindowOrder` of ``grid`` cut into ``windows`` after each cyclic shift in ``shifts`` (by ``-shift``)."""
     height, width = grid
     (window_h, window_w), (pad_h, pad_w) = window_geometry(grid, windows)
+    window = (window_h, window_w)
     rows, cols = torch.arange(height + pad_h), torch.arange(width + pad_w)
+    real = (rows < height)[:, None] & (cols < width)[None, :]
+    # Where each position of the padded grid lands in window-major order; the same for every shift.
+    landing = torch.argsort(_window_major(torch.arange(real.numel()).reshape(real.shape), windows, window))
     gathers, scatters = [], []
     for shift_h, shift_w in shifts:
         # Position (r, c) of the shifted, padded grid holds token ((r + shift_h) mod h, (c + shift_w) mod w).
         source = ((rows + shift_h) % height)[:, None] * width + ((cols + shift_w) % width)[None, :]
-        source = source.masked_fill((rows >= height)[:, None] | (cols >= width)[None, :], 0)
-        gathers.append(_window_major(source, windows, (window_h, window_w)))
-        position = _window_major(torch.arange(source.numel()).reshape(source.shape), windows, (window_h, window_w))
+        source = source.masked_fill(~real, 0)
+        gathers.append(_window_major(source, windows, window))
         scatter = torch.empty(height * width, dtype=torch.long)
-        real = ((rows < height)[:, None] & (cols < width)[None, :]).flatten()
-        scatter[source.flatten()[real]] = torch.argsort(position)[real]
+        scatter[source[real]] = landing[real.flatten()]
         scatters.append(scatter)
     valid = None
     if pad_h or pad_w:
-        real = (rows < height)[:, None] & (cols < width)[None, :]
-        valid = _window_major(real, windows, (window_h, window_w)).reshape(windows[0] * windows[1], -1).to(device)
+        valid = _window_major(real, windows, window).reshape(windows[0] * windows[1], -1).to(device)
     return WindowOrder(torch.stack(gathers).to(device), torch.stack(scatters).to(device), valid)
 
 
@@ -130,10 +131,7 @@ def shifted_window_attention(
     """
     _check_geometry(query, grid, windows, backend)
     shift = tuple(int(s) % side for s, side in zip(shift, grid, strict=True))
-    if backend == "triton":
-        order = _single_window_order(grid, (1, 1), shift, query.device)
-    else:
-        order = _single_window_order(grid, windows, shift, query.device)
+    order = _single_window_order(grid, (1, 1) if backend == "triton" else windows, shift, query.device)
     return _attend_in_order(query, key, value, grid, windows, order, 0, backend)
 
 

@@ -178,8 +178,15 @@ class AgentAttnProcessor(_AgentSchedule, PerThreadOwner, DenseAttnProcessor):
         layout = self.context.layout
         if self.settings.seed is None or layout is None or layout.grid is None:
             return
+        early = self.context.scratch[self._phase_key]
+        settings = self.settings
+        matches_tokens = (
+            (settings.merge_ratio > 0 or settings.pooling == "merge") if early else settings.late_merge_ratio > 0
+        )
+        if not matches_tokens:
+            return
         # Drawn for the latent's grid, the largest any level has: a level reads the start, as it would draw itself.
-        cell = self.settings.cell if self.context.scratch[self._phase_key] else self.settings.late_cell
+        cell = settings.cell if early else settings.late_cell
         self.context.scratch[self._draws_key] = (layout.grid, cell, self._draw(layout.grid, cell).to(device))
 
     @property

@@ -91,6 +91,102 @@ def package_switches(unet, size: int, steps: int) -> dict[str, float]:
     return {"raunet_switch": stage1, "raunet_deep_switch": stage2}
 
 
+def _load(model: str):
+    pipe = accel.load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    # The package reads `name_or_path` as a string (a pipeline built from components has None there).
+    pipe.register_to_config(_name_or_path=f"accel/{model}")
+    return pipe
+
+
+def _generator(pipe, size: int, steps: int):
+    def generate():
+        return pipe(
+            prompt="a red circle and a blue square",
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images[0]
+
+    return generate
+
+
+def compiled_row(args, model: str, size: int, options: dict, hidiffusion, pipes: dict) -> dict:
+    """Both peers eager and with the UNet compiled after patching, as a user would run them.
+
+    Each peer has its own pipeline in ``pipes`` (same seeded weights), patched once for the whole row: the package makes new block
+    classes on every ``apply_hidiffusion``, so applying it again per call would make Dynamo recompile at every call.
+    Graphs and breaks are counted over each peer's first compiled call (which is timed apart: it compiles). The
+    package's random shifts cannot be replayed through a compiled graph, so the drift reported is compiled accel
+    against eager accel (its shifts are a function of the seed); the eager rows already show the two algorithms equal.
+    """
+    from torch._dynamo.utils import counters
+
+    unpatched_s, unpatched = _median(_generator(pipes["accel"], size, args.steps), args.repeats)
+    hidiffusion.apply_hidiffusion(pipes["package"])
+    accel.patch(pipes["accel"], "hidiffusion", **options)
+    row = {
+        "model": model,
+        "dtype": str(pipes["accel"].unet.dtype).removeprefix("torch."),
+        "size": size,
+        "steps": args.steps,
+        "accel_options": options,
+        "compile_backend": args.compile,
+        "unpatched_s": unpatched_s,
+    }
+    calls, outputs = {}, {}
+    try:
+        for name, pipe in pipes.items():
+            eager_unet = pipe.unet
+            compiled_unet = torch.compile(eager_unet, backend=args.compile)
+            generate = _generator(pipe, size, args.steps)
+
+            def eager(generate=generate, name=name):
+                outputs[f"{name} eager"] = generate()
+
+            def compiled(pipe=pipe, generate=generate, name=name, eager_unet=eager_unet, compiled_unet=compiled_unet):
+                pipe.unet = compiled_unet
+                try:
+                    outputs[f"{name} compiled"] = generate()
+                finally:
+                    pipe.unet = eager_unet
+
+            eager()  # the eager side's warm-up, as the compiled side's is its first call below
+            graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+            tick = time.perf_counter()
+            compiled()
+            row[f"{name}_first_compiled_call_s"] = time.perf_counter() - tick
+            row[f"{name}_graphs"] = counters["stats"]["unique_graphs"] - graphs
+            row[f"{name}_graph_breaks"] = sum(counters["graph_break"].values()) - breaks
+            calls[f"{name} eager"], calls[f"{name} compiled"] = eager, compiled
+        seconds = interleaved_median_seconds(calls, args.repeats, warm_up=False)
+    finally:
+        hidiffusion.remove_hidiffusion(pipes["package"])
+        accel.unpatch(pipes["accel"])
+    for name, value in seconds.items():
+        key = name.replace(" ", "_")
+        row[f"{key}_s"] = value
+        row[f"speedup_{key}"] = unpatched_s / value
+    best_package = min(seconds["package eager"], seconds["package compiled"])
+    row["accel_compiled_over_package_compiled"] = seconds["accel compiled"] / seconds["package compiled"]
+    row["accel_compiled_over_package_best"] = seconds["accel compiled"] / best_package
+    row["accel_eager_over_package_eager"] = seconds["accel eager"] / seconds["package eager"]
+    row["psnr_db_accel_compiled_vs_eager"] = metrics.psnr(outputs["accel eager"], outputs["accel compiled"])
+    row["psnr_db_accel_compiled_vs_unpatched"] = metrics.psnr(unpatched, outputs["accel compiled"])
+    row["psnr_db_package_compiled_vs_unpatched"] = metrics.psnr(unpatched, outputs["package compiled"])
+    print(
+        f"{model:10s} {size:5d}px: unpatched {unpatched_s:7.2f} s  package eager {seconds['package eager']:7.2f} s, "
+        f"compiled {seconds['package compiled']:7.2f} s ({row['package_graphs']} graphs, "
+        f"{row['package_graph_breaks']} breaks)  accel eager {seconds['accel eager']:7.2f} s, compiled "
+        f"{seconds['accel compiled']:7.2f} s ({row['accel_graphs']} graphs, {row['accel_graph_breaks']} breaks)  "
+        f"accel/package compiled {row['accel_compiled_over_package_compiled']:.2f}",
+        flush=True,
+    )
+    return row
+
+
 def _is_sdxl(unet) -> bool:
     return unet.config.addition_embed_type == "text_time"
 
@@ -139,23 +235,16 @@ def run(args) -> dict:
     accel_options = parse_options(args.accel_option)
     rows = []
     for model in args.models:
-        pipe = accel.load_pipeline(model)
-        pipe.set_progress_bar_config(disable=True)
-        # The package reads `name_or_path` as a string (a pipeline built from components has None there).
-        pipe.register_to_config(_name_or_path=f"accel/{model}")
+        pipe = _load(model)
+        # Compiled, each peer keeps its own pipeline patched for a whole row (see compiled_row).
+        theirs_pipe = _load(model) if args.compile else None
         for size in args.sizes:
-
-            def generate(pipe=pipe, size=size):
-                return pipe(
-                    prompt="a red circle and a blue square",
-                    height=size,
-                    width=size,
-                    num_inference_steps=args.steps,
-                    generator=torch.Generator().manual_seed(0),
-                    output_type="np",
-                ).images[0]
-
+            generate = _generator(pipe, size, args.steps)
             options = accel_options or package_switches(pipe.unet, size, args.steps)
+            if args.compile:
+                pipes = {"package": theirs_pipe, "accel": pipe}
+                rows.append(compiled_row(args, model, size, options, hidiffusion, pipes))
+                continue
             results = {}
 
             def theirs_call(pipe=pipe, generate=generate, results=results):
@@ -222,7 +311,13 @@ def run(args) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
-        "timed": "one pipeline call each (text encoding, denoising, VAE decode); package and accel alternate",
+        "timed": "one pipeline call each (text encoding, denoising, VAE decode); package and accel alternate"
+        + (
+            f"; compiled: torch.compile(unet, backend={args.compile!r}) after patching, first call timed apart, "
+            "then package eager, package compiled, accel eager, accel compiled in turns"
+            if args.compile
+            else ""
+        ),
         "accel_options": accel_options or "the package's switches per model and size (package_switches)",
         "rows": rows,
     }
@@ -238,15 +333,27 @@ def _plot(result: dict, path: Path) -> None:
     labels = [f"{r['model']}\n{r['size']} px" for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar(x - 0.2, [r["speedup_package"] for r in rows], 0.4, label="hidiffusion 0.1.10")
-    ax.bar(x + 0.2, [r["speedup_accel"] for r in rows], 0.4, label="accel hidiffusion")
+    if "compile_backend" in rows[0]:
+        bars = [
+            ("hidiffusion 0.1.10", "speedup_package_eager"),
+            (f"hidiffusion 0.1.10, compiled ({rows[0]['compile_backend']})", "speedup_package_compiled"),
+            ("accel hidiffusion", "speedup_accel_eager"),
+            (f"accel hidiffusion, compiled ({rows[0]['compile_backend']})", "speedup_accel_compiled"),
+        ]
+    else:
+        bars = [("hidiffusion 0.1.10", "speedup_package"), ("accel hidiffusion", "speedup_accel")]
+    width = 0.8 / len(bars)
+    for index, (label, key) in enumerate(bars):
+        offset = (index - (len(bars) - 1) / 2) * width
+        ax.bar(x + offset, [r[key] for r in rows], width, label=label)
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel("x faster than unpatched")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     dtypes = "/".join(sorted({r["dtype"] for r in rows}))
     ax.set_title(
-        f"HiDiffusion on {result['device']}, {dtypes}, {rows[0]['steps']} steps, equal switches; baseline: unpatched",
+        f"HiDiffusion on {result['device']}, {dtypes}, {rows[0]['steps']} steps, equal switches\n"
+        "baseline: the unpatched pipeline, eager",
         fontsize=9,
     )
     save_figure(fig, path)
@@ -289,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument(
         "--profile", action="store_true", help="instead of timing: profile one call of each peer, ops by self time"
+    )
+    parser.add_argument(
+        "--compile",
+        metavar="BACKEND",
+        help="also time both peers with the UNet compiled after patching (torch.compile backend, e.g. inductor)",
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default="benchmarks/results/hidiffusion-peer")

@@ -34,7 +34,7 @@ from diffusers.utils import logging
 
 from accel.errors import InvalidOptionError
 from accel.kernels import controls
-from accel.pipelines.hooks import STEP_HOOK_NAME
+from accel.pipelines.hooks import EAGER_HOOK_REASON, STEP_HOOK_NAME
 from accel.pipelines.prompts import (
     head_noun_positions,
     noun_phrases,
@@ -299,7 +299,7 @@ class LatentGuidanceHook(ModelHook):
     # Under torch.compile the guidance (prompt matching, the guided passes with their autograd.grad, the latent
     # update) runs eagerly, as one graph break before the denoiser's compiled forward: its passes stop early and record
     # maps, which a compiled graph cannot do.
-    @torch.compiler.disable
+    @torch.compiler.disable(reason=EAGER_HOOK_REASON)
     def _guided_inputs(self, module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The arguments of this denoiser call: as given, or with the latent moved by this step's update."""
         forward = self.fn_ref.original_forward

@@ -19,6 +19,12 @@ from accel.pipelines.families import ModelFamily
 from accel.processors.state import PatchContext, StepState
 
 STEP_HOOK_NAME = "accel_step_state"
+# What a fullgraph=True compile prints when it meets accel's eager hooks: Dynamo's own hint there ("remove the
+# torch.compiler.disable call") is not the fix.
+EAGER_HOOK_REASON = (
+    "accel's patch prepares each denoiser call eagerly (the step, the schedule, per-step draws, guidance), one graph "
+    "break before the compiled body: compile the patched denoiser without fullgraph=True"
+)
 # Frames between a pipeline's ``__call__`` and this hook: torch's module call, diffusers' hook wrappers, accelerate's
 # offload hooks, the guidance loops of accel's controls.
 _CALLER_SEARCH_DEPTH = 40
@@ -52,7 +58,7 @@ class StepStateHook(ModelHook):
 
     # Under torch.compile this runs eagerly (one graph break before the denoiser's body): it reads the call stack and
     # the scheduler, which Dynamo cannot trace, and it only sets the Python facts the compiled body reads.
-    @torch.compiler.disable
+    @torch.compiler.disable(reason=EAGER_HOOK_REASON)
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         self._check_processors()
         inputs = self._signature.bind_partial(*args, **kwargs).arguments

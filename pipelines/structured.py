@@ -23,7 +23,7 @@ from diffusers.utils import logging
 
 from accel.errors import InvalidOptionError
 from accel.pipelines.controls import CacheContextName, PromptEncoding, RecentEncodings
-from accel.pipelines.hooks import STEP_HOOK_NAME
+from accel.pipelines.hooks import EAGER_HOOK_REASON, STEP_HOOK_NAME
 from accel.pipelines.prompts import (
     NounPhrase,
     explicit_phrases,
@@ -196,7 +196,7 @@ class StructuredTextHook(ModelHook):
         return module
 
     # Eager under torch.compile (one graph break before the transformer's body): matching the prompt compares tensors.
-    @torch.compiler.disable
+    @torch.compiler.disable(reason=EAGER_HOOK_REASON)
     def pre_forward(self, module, *args, **kwargs):
         if self.call_name.name == "uncond":
             return args, kwargs

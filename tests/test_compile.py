@@ -112,6 +112,33 @@ def test_unpatch_through_the_compiled_wrapper_restores_the_compiled_pipeline(tin
     torch.testing.assert_close(after, unpatched, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize(("name", "method", "options"), [("sd15-tiny", "hidiffusion", {}), CASES[3], CASES[9]])
+def test_fullgraph_compile_names_the_fix(tiny_pipelines, name, method, options, fresh_dynamo):
+    # Diffusers' docs compile the UNet with fullgraph=True; Dynamo's own hint at accel's eager hooks is to remove
+    # torch.compiler.disable, which is not the fix, so the error must carry accel's reason.
+    pipe = tiny_pipelines[name]
+    accel.patch(pipe, method, **options)
+    attribute = _denoiser_name(pipe)
+    denoiser = getattr(pipe, attribute)
+    setattr(pipe, attribute, torch.compile(denoiser, backend="aot_eager", fullgraph=True))
+    try:
+        with pytest.raises(torch._dynamo.exc.Unsupported, match="without fullgraph=True"):
+            generate(pipe, name, steps=1)
+    finally:
+        setattr(pipe, attribute, denoiser)
+        accel.unpatch(pipe)
+
+
+def test_every_eager_hook_gives_the_fullgraph_fix():
+    from accel.pipelines.controls import LatentGuidanceHook
+    from accel.pipelines.hooks import EAGER_HOOK_REASON, StepStateHook
+    from accel.pipelines.structured import StructuredTextHook
+
+    # The step hook comes first in a call, so the end-to-end test above meets only its reason.
+    for eager in (StepStateHook.pre_forward, LatentGuidanceHook._guided_inputs, StructuredTextHook.pre_forward):
+        assert getattr(eager, "_torchdynamo_disable_msg", None) == EAGER_HOOK_REASON, eager.__qualname__
+
+
 def test_the_triton_entry_points_run_eagerly_under_compile():
     from accel.kernels import block_sparse
 

@@ -1,6 +1,7 @@
 """accel's HiDiffusion side by side with the reference package (``hidiffusion`` 0.1.10 from PyPI).
 
     python benchmarks/hidiffusion_peer.py --models sd15-tiny sdxl-tiny --sizes 1024 --steps 4
+    python benchmarks/hidiffusion_peer.py --compile inductor --repeats 3   # also with the UNet compiled
 
 The package does not import on diffusers 0.42 (``diffusers.pipelines.controlnet.multicontrolnet`` moved to
 ``diffusers.models.controlnets.multicontrolnet``); this script provides the old module name before importing it.
@@ -116,8 +117,9 @@ def _generator(pipe, size: int, steps: int):
 def compiled_row(args, model: str, size: int, options: dict, hidiffusion, pipes: dict) -> dict:
     """Both peers eager and with the UNet compiled after patching, as a user would run them.
 
-    Each peer has its own pipeline in ``pipes`` (same seeded weights), patched once for the whole row: the package makes new block
-    classes on every ``apply_hidiffusion``, so applying it again per call would make Dynamo recompile at every call.
+    Each peer has its own pipeline in ``pipes`` (same seeded weights), patched once for the whole row: the package
+    makes new block classes on every ``apply_hidiffusion``, so applying it again per call would make Dynamo recompile
+    at every call.
     Graphs and breaks are counted over each peer's first compiled call (which is timed apart: it compiles). The
     package's random shifts cannot be replayed through a compiled graph, so the drift reported is compiled accel
     against eager accel (its shifts are a function of the seed); the eager rows already show the two algorithms equal.

@@ -16,6 +16,13 @@ the plan's last recorded layer (``stop_passes_early``, on by default; off here a
     python benchmarks/controls_cost.py                       # sd15-arch at 512², bf16 (real widths)
     python benchmarks/controls_cost.py --models sd15-arch sdxl-arch --size 512
     python benchmarks/controls_cost.py --quick               # sd15-tiny at 256², 2 steps: the CI smoke
+    python benchmarks/controls_cost.py --edit                # DPL's learning passes in accel.edit, the same way
+
+With ``--edit`` the same comparison is made for ``accel.edit(method="dpl")``: its learning passes (per step, up to
+``dpl_steps`` forwards with gradients to the learned noun tokens) read the maps of one level too, and stop after its
+last layer once the inversion's recording has shown which that is (``EditController.stop_passes_early``). Times are
+of the whole edit and of its learning stage (DPL's passes with null-text inversion), median of ``--repeats`` after a
+warm-up, the two sides in turns, on a random image; the drift is between the two sides' edited images.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ from accel.pipelines.controls import GUIDANCE_HOOK_NAME  # noqa: E402
 
 PROMPT = "a red circle and a blue square"
 SIDES = ("unpatched", "astar, whole passes", "astar, stopping early")
+EDIT_SIDES = ("dpl, whole passes", "dpl, stopping early")
+EDIT_TARGET = "a green circle and a blue square"
 
 
 def measure(name: str, size: int, steps: int, repeats: int) -> dict:
@@ -93,6 +102,63 @@ def measure(name: str, size: int, steps: int, repeats: int) -> dict:
     }
 
 
+def measure_edit(name: str, size: int, steps: int, repeats: int) -> dict:
+    import numpy as np
+
+    from accel.processors.editing import EditController
+
+    pipe = tiny.build_pipeline(name)
+    pipe.set_progress_bar_config(disable=True)
+    image = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    options = {"num_inference_steps": steps, "null_text_steps": 1, "dpl_steps": 3}
+    results = {}
+
+    def edit(early: bool, key: str):
+        EditController.stop_passes_early = early
+        try:
+            results[key] = accel.edit(pipe, image, PROMPT, EDIT_TARGET, method="dpl", **options)
+        finally:
+            EditController.stop_passes_early = True
+
+    sides = dict(zip(EDIT_SIDES, (False, True), strict=True))
+    learning = {key: [] for key in sides}
+
+    def timed(key):
+        edit(sides[key], key)
+        learning[key].append(results[key].seconds["learning"])
+
+    seconds = interleaved_median_seconds({key: lambda k=key: timed(k) for key in sides}, repeats)
+    # The warm-up round's learning times are dropped, as interleaved_median_seconds drops its call times.
+    learning_seconds = {key: float(np.median(values[1:])) for key, values in learning.items()}
+    images = {key: np.asarray(results[key].image, dtype=np.float64) for key in sides}
+    return {
+        "model": name,
+        "size": size,
+        "steps": steps,
+        "dtype": str(pipe.unet.dtype).removeprefix("torch."),
+        "edit_options": options,
+        "seconds": seconds,
+        "learning_seconds": learning_seconds,
+        "early_over_whole_time": seconds[EDIT_SIDES[1]] / seconds[EDIT_SIDES[0]],
+        "early_over_whole_learning_time": learning_seconds[EDIT_SIDES[1]] / learning_seconds[EDIT_SIDES[0]],
+        "image_max_abs_difference": float(np.abs(images[EDIT_SIDES[0]] - images[EDIT_SIDES[1]]).max()),
+    }
+
+
+def plot_edit(result: dict, path: Path) -> None:
+    rows = result["rows"]
+    labels = [f"{row['model']} {row['size']}² {row['dtype']}" for row in rows]
+    bars = [
+        ("edit: whole / stopping early", [1 / row["early_over_whole_time"] for row in rows]),
+        ("learning stage: whole / stopping early", [1 / row["early_over_whole_learning_time"] for row in rows]),
+    ]
+    title = (
+        f"DPL's learning passes stopped at the last layer whose maps are read, as a ratio to whole passes; "
+        f"{result['device']}, {rows[0]['steps']} steps"
+    )
+    plot_speedups(path, labels, bars, title)
+
+
 def plot(result: dict, path: Path) -> None:
     rows = result["rows"]
     labels = [f"{row['model']} {row['size']}² {row['dtype']}" for row in rows]
@@ -115,11 +181,14 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--edit", action="store_true", help="DPL's learning passes in accel.edit instead of A-STAR's")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.quick:
         args.models, args.size, args.steps, args.repeats = ["sd15-tiny"], 256, 2, 1
     torch.set_num_threads(args.threads)
+    if args.edit:
+        return edit_main(args)
     rows = [measure(name, args.size, args.steps, args.repeats) for name in args.models]
     print(f"{'model':<12} {'size':>5} {'dtype':<9} {'unpatched':>10} {'whole':>10} {'early':>10} {'time':>6} "
           f"{'peak whole':>11} {'peak early':>11} {'memory':>7} {'drift':>9}")  # fmt: skip
@@ -143,6 +212,33 @@ def main() -> int:
     }
     out = args.out or ("benchmarks/results/controls-cost" + ("-quick" if args.quick else ""))
     save_results(result, out, plot, "controls-cost.png")
+    return 0
+
+
+def edit_main(args) -> int:
+    rows = [measure_edit(name, args.size, args.steps, args.repeats) for name in args.models]
+    print(f"{'model':<12} {'size':>5} {'dtype':<9} {'whole':>10} {'early':>10} {'time':>6} {'learning whole':>15} "
+          f"{'learning early':>15} {'learning':>9} {'drift':>9}")  # fmt: skip
+    for row in rows:
+        s, learning = row["seconds"], row["learning_seconds"]
+        print(
+            f"{row['model']:<12} {row['size']:>5} {row['dtype']:<9} {s[EDIT_SIDES[0]]:>9.2f}s "
+            f"{s[EDIT_SIDES[1]]:>9.2f}s {row['early_over_whole_time']:>6.2f} {learning[EDIT_SIDES[0]]:>14.2f}s "
+            f"{learning[EDIT_SIDES[1]]:>14.2f}s {row['early_over_whole_learning_time']:>9.2f} "
+            f"{row['image_max_abs_difference']:>9.2e}"
+        )
+    result = {
+        "device": device_name(),
+        "baseline": "accel.edit(method='dpl') with whole learning passes (EditController.stop_passes_early=False)",
+        "prompts": [PROMPT, EDIT_TARGET],
+        "rows": rows,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "versions": environment(),
+        "argv": sys.argv[1:],
+    }
+    out = args.out or ("benchmarks/results/controls-cost-dpl" + ("-quick" if args.quick else ""))
+    save_results(result, out, plot_edit, "controls-cost-dpl.png")
     return 0
 
 

@@ -653,7 +653,7 @@ def _learn_tokens(
     counts = torch.tensor([len(t) for t in positions], dtype=torch.float32, device=z.device)[:, None, None]
     first = last = None
     for iteration in range(config.dpl_steps + 1):
-        with controller.recording():
+        with controller.recording(stop_early=True):
             predict(z, index, encode(source, parameters))
         maps = controller.cross_maps()
         controller.maps.clear()

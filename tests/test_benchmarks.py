@@ -105,6 +105,16 @@ def test_controls_cost_quick(tmp_path):
     assert (tmp_path / "controls-cost.png").stat().st_size > 0
 
 
+def test_controls_cost_edit_quick(tmp_path):
+    result = _run("controls_cost.py", "--quick", "--edit", out=tmp_path)
+    (row,) = result["rows"]
+    assert row["model"] == "sd15-tiny" and row["size"] == 256
+    # DPL's learning passes stopped after the read level (16 x 16 of the 32 x 32 latent) learn the same tokens.
+    assert row["image_max_abs_difference"] == 0
+    assert set(row["learning_seconds"]) == {"dpl, whole passes", "dpl, stopping early"}
+    assert (tmp_path / "controls-cost-dpl.png").stat().st_size > 0
+
+
 @pytest.fixture
 def benchmark_modules(monkeypatch):
     """The benchmarks' own modules importable as the scripts import them (from their folder)."""

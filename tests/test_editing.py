@@ -303,6 +303,37 @@ def test_dpl_learning_lowers_its_loss_and_finds_a_background(shapes_pipe, case, 
         assert noun[inside].mean() < 0.8 * noun[~inside].mean()
 
 
+@pytest.mark.parametrize("map_side", [8, 16])
+def test_dpl_learning_passes_stopped_after_the_read_level_learn_the_same_tokens(
+    shapes_pipe, case, monkeypatch, map_side
+):
+    from accel.processors.editing import EditAttnProcessor, EditController
+
+    scene, image = case
+    first = scene.objects[0]
+    target = scene.caption.replace(f"a {first.colour} {first.shape}", f"a green {first.shape}", 1)
+    options = dict(num_inference_steps=3, null_text_steps=1, dpl_steps=3, dpl_lr=0.05, map_side=map_side)
+    own_cross, cross_calls = EditAttnProcessor._cross, []
+
+    def counted_cross(processor, *args):
+        if processor.controller.mode == "record":
+            cross_calls[-1] += 1
+        return own_cross(processor, *args)
+
+    monkeypatch.setattr(EditAttnProcessor, "_cross", counted_cross)
+    results = {}
+    for stop in (False, True):
+        monkeypatch.setattr(EditController, "stop_passes_early", stop)
+        cross_calls.append(0)
+        results[stop] = accel.edit(shapes_pipe, image, scene.caption, target, method="dpl", **options)
+    whole, stopped = results[False], results[True]
+    assert np.array_equal(np.asarray(whole.image), np.asarray(stopped.image))
+    assert whole.losses == stopped.losses
+    # shapes-sd's 16x16 latent: its 16x16 maps are the top level, whose last layer ends the UNet; at 8x8 the top up
+    # block is skipped.
+    assert (cross_calls[1] < cross_calls[0]) == (map_side == 8)
+
+
 @pytest.mark.parametrize("method", ["p2p", "dpl"])
 def test_edit_leaves_no_gradients_and_runs_under_no_grad(shapes_pipe, case, method):
     # Inversion and DPL differentiate through the UNet and text encoder; the user's models must not gather

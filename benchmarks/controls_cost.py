@@ -145,32 +145,43 @@ def measure_edit(name: str, size: int, steps: int, repeats: int) -> dict:
     }
 
 
-def plot_edit(result: dict, path: Path) -> None:
+def _plot_ratios(result: dict, path: Path, ratios: list[tuple[str, str]], what: str) -> None:
     rows = result["rows"]
     labels = [f"{row['model']} {row['size']}² {row['dtype']}" for row in rows]
-    bars = [
-        ("edit: whole / stopping early", [1 / row["early_over_whole_time"] for row in rows]),
-        ("learning stage: whole / stopping early", [1 / row["early_over_whole_learning_time"] for row in rows]),
-    ]
-    title = (
-        f"DPL's learning passes stopped at the last layer whose maps are read, as a ratio to whole passes; "
-        f"{result['device']}, {rows[0]['steps']} steps"
-    )
+    bars = [(label, [1 / row[key] for row in rows]) for label, key in ratios]
+    title = f"{what}, as a ratio to whole passes; {result['device']}, {rows[0]['steps']} steps"
     plot_speedups(path, labels, bars, title)
+
+
+def plot_edit(result: dict, path: Path) -> None:
+    ratios = [
+        ("edit: whole / stopping early", "early_over_whole_time"),
+        ("learning stage: whole / stopping early", "early_over_whole_learning_time"),
+    ]
+    _plot_ratios(result, path, ratios, "DPL's learning passes stopped at the last layer whose maps are read")
 
 
 def plot(result: dict, path: Path) -> None:
-    rows = result["rows"]
-    labels = [f"{row['model']} {row['size']}² {row['dtype']}" for row in rows]
-    bars = [
-        ("time: whole / stopping early", [1 / row["early_over_whole_time"] for row in rows]),
-        ("memory: whole / stopping early", [1 / row["early_over_whole_memory"] for row in rows]),
+    ratios = [
+        ("time: whole / stopping early", "early_over_whole_time"),
+        ("memory: whole / stopping early", "early_over_whole_memory"),
     ]
-    title = (
-        f"A-STAR's guided passes stopped at the last recorded layer, as a ratio to whole passes; {result['device']}, "
-        f"{rows[0]['steps']} steps, all guided"
-    )
-    plot_speedups(path, labels, bars, title)
+    _plot_ratios(result, path, ratios, "A-STAR's guided passes (every step guided) stopped at the last recorded layer")
+
+
+def _save(args, rows: list[dict], name: str, plot_results, **fields) -> int:
+    result = {
+        "device": device_name(),
+        **fields,
+        "rows": rows,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "versions": environment(),
+        "argv": sys.argv[1:],
+    }
+    out = args.out or f"benchmarks/results/{name}" + ("-quick" if args.quick else "")
+    save_results(result, out, plot_results, f"{name}.png")
+    return 0
 
 
 def main() -> int:
@@ -200,19 +211,8 @@ def main() -> int:
             f"{p[SIDES[2]] / 2**20:>9.0f}MB {row['early_over_whole_memory']:>7.2f} "
             f"{row['latent_max_abs_difference']:>9.2e}"
         )
-    result = {
-        "device": device_name(),
-        "baseline": "A-STAR with whole guided passes (stop_passes_early=False); times also over the unpatched call",
-        "prompt": PROMPT,
-        "rows": rows,
-        "threads": args.threads,
-        "repeats": args.repeats,
-        "versions": environment(),
-        "argv": sys.argv[1:],
-    }
-    out = args.out or ("benchmarks/results/controls-cost" + ("-quick" if args.quick else ""))
-    save_results(result, out, plot, "controls-cost.png")
-    return 0
+    baseline = "A-STAR with whole guided passes (stop_passes_early=False); times also over the unpatched call"
+    return _save(args, rows, "controls-cost", plot, baseline=baseline, prompt=PROMPT)
 
 
 def edit_main(args) -> int:
@@ -227,19 +227,8 @@ def edit_main(args) -> int:
             f"{learning[EDIT_SIDES[1]]:>14.2f}s {row['early_over_whole_learning_time']:>9.2f} "
             f"{row['image_max_abs_difference']:>9.2e}"
         )
-    result = {
-        "device": device_name(),
-        "baseline": "accel.edit(method='dpl') with whole learning passes (EditController.stop_passes_early=False)",
-        "prompts": [PROMPT, EDIT_TARGET],
-        "rows": rows,
-        "threads": args.threads,
-        "repeats": args.repeats,
-        "versions": environment(),
-        "argv": sys.argv[1:],
-    }
-    out = args.out or ("benchmarks/results/controls-cost-dpl" + ("-quick" if args.quick else ""))
-    save_results(result, out, plot_edit, "controls-cost-dpl.png")
-    return 0
+    baseline = "accel.edit(method='dpl') with whole learning passes (EditController.stop_passes_early=False)"
+    return _save(args, rows, "controls-cost-dpl", plot_edit, baseline=baseline, prompts=[PROMPT, EDIT_TARGET])
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -169,6 +170,16 @@ def plot(result: dict, path: Path) -> None:
     _plot_ratios(result, path, ratios, "A-STAR's guided passes (every step guided) stopped at the last recorded layer")
 
 
+def _print_table(rows: list[dict], columns: list[tuple[str, Callable[[dict], str]]]) -> None:
+    """Model, size and dtype, then ``(header, cell of a row)`` columns, right-aligned."""
+    columns = [("model", lambda row: row["model"]), ("size", lambda row: str(row["size"])),
+               ("dtype", lambda row: row["dtype"]), *columns]  # fmt: skip
+    cells = [[cell(row) for _, cell in columns] for row in rows]
+    widths = [max(len(header), *(len(line[i]) for line in cells)) for i, (header, _) in enumerate(columns)]
+    for line in [[header for header, _ in columns], *cells]:
+        print("  ".join(text.rjust(width) for text, width in zip(line, widths, strict=True)))
+
+
 def _save(args, rows: list[dict], name: str, plot_results, **fields) -> int:
     result = {
         "device": device_name(),
@@ -201,32 +212,38 @@ def main() -> int:
     if args.edit:
         return edit_main(args)
     rows = [measure(name, args.size, args.steps, args.repeats) for name in args.models]
-    print(f"{'model':<12} {'size':>5} {'dtype':<9} {'unpatched':>10} {'whole':>10} {'early':>10} {'time':>6} "
-          f"{'peak whole':>11} {'peak early':>11} {'memory':>7} {'drift':>9}")  # fmt: skip
-    for row in rows:
-        s, p = row["seconds"], row["peak_bytes_one_step"]
-        print(
-            f"{row['model']:<12} {row['size']:>5} {row['dtype']:<9} {s[SIDES[0]]:>9.2f}s {s[SIDES[1]]:>9.2f}s "
-            f"{s[SIDES[2]]:>9.2f}s {row['early_over_whole_time']:>6.2f} {p[SIDES[1]] / 2**20:>9.0f}MB "
-            f"{p[SIDES[2]] / 2**20:>9.0f}MB {row['early_over_whole_memory']:>7.2f} "
-            f"{row['latent_max_abs_difference']:>9.2e}"
-        )
+    mb = 2**20
+    _print_table(
+        rows,
+        [
+            ("unpatched", lambda row: f"{row['seconds'][SIDES[0]]:.2f}s"),
+            ("whole", lambda row: f"{row['seconds'][SIDES[1]]:.2f}s"),
+            ("early", lambda row: f"{row['seconds'][SIDES[2]]:.2f}s"),
+            ("time", lambda row: f"{row['early_over_whole_time']:.2f}"),
+            ("peak whole", lambda row: f"{row['peak_bytes_one_step'][SIDES[1]] / mb:.0f}MB"),
+            ("peak early", lambda row: f"{row['peak_bytes_one_step'][SIDES[2]] / mb:.0f}MB"),
+            ("memory", lambda row: f"{row['early_over_whole_memory']:.2f}"),
+            ("drift", lambda row: f"{row['latent_max_abs_difference']:.2e}"),
+        ],
+    )
     baseline = "A-STAR with whole guided passes (stop_passes_early=False); times also over the unpatched call"
     return _save(args, rows, "controls-cost", plot, baseline=baseline, prompt=PROMPT)
 
 
 def edit_main(args) -> int:
     rows = [measure_edit(name, args.size, args.steps, args.repeats) for name in args.models]
-    print(f"{'model':<12} {'size':>5} {'dtype':<9} {'whole':>10} {'early':>10} {'time':>6} {'learning whole':>15} "
-          f"{'learning early':>15} {'learning':>9} {'drift':>9}")  # fmt: skip
-    for row in rows:
-        s, learning = row["seconds"], row["learning_seconds"]
-        print(
-            f"{row['model']:<12} {row['size']:>5} {row['dtype']:<9} {s[EDIT_SIDES[0]]:>9.2f}s "
-            f"{s[EDIT_SIDES[1]]:>9.2f}s {row['early_over_whole_time']:>6.2f} {learning[EDIT_SIDES[0]]:>14.2f}s "
-            f"{learning[EDIT_SIDES[1]]:>14.2f}s {row['early_over_whole_learning_time']:>9.2f} "
-            f"{row['image_max_abs_difference']:>9.2e}"
-        )
+    _print_table(
+        rows,
+        [
+            ("whole", lambda row: f"{row['seconds'][EDIT_SIDES[0]]:.2f}s"),
+            ("early", lambda row: f"{row['seconds'][EDIT_SIDES[1]]:.2f}s"),
+            ("time", lambda row: f"{row['early_over_whole_time']:.2f}"),
+            ("learning whole", lambda row: f"{row['learning_seconds'][EDIT_SIDES[0]]:.2f}s"),
+            ("learning early", lambda row: f"{row['learning_seconds'][EDIT_SIDES[1]]:.2f}s"),
+            ("learning", lambda row: f"{row['early_over_whole_learning_time']:.2f}"),
+            ("drift", lambda row: f"{row['image_max_abs_difference']:.2e}"),
+        ],
+    )
     baseline = "accel.edit(method='dpl') with whole learning passes (EditController.stop_passes_early=False)"
     return _save(args, rows, "controls-cost-dpl", plot_edit, baseline=baseline, prompts=[PROMPT, EDIT_TARGET])
 
